@@ -84,7 +84,9 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
     from stream.pipeline import RunSummary, run
 
     # SIGTERM (service managers, `kill`) ends a run like Ctrl-C: outputs finalized.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # SIGINT is set too because a shell starts background jobs with it ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_keyboard_interrupt)
     summary = RunSummary(source_id=args.source)
     try:
         run(config, args.source, summary)
