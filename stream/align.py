@@ -13,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from stream.types import check_shape
+
 # MediaPipe keypoint order: 0 right eye, 1 left eye, 2 nose tip, 3 mouth
 # centre, 4 right ear tragion, 5 left ear tragion (subject's right = image left).
 NUM_KEYPOINTS = 6
@@ -35,14 +37,6 @@ TEMPLATE = np.array(
     ],
     dtype=np.float64,
 )
-
-
-def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
-    if array.ndim != len(expected) or any(
-        want is not None and got != want for got, want in zip(array.shape, expected)
-    ):
-        shown = "(" + ", ".join("n" if want is None else str(want) for want in expected) + ")"
-        raise ValueError(f"{name} must have shape {shown}, got {array.shape}")
 
 
 def _similarity_batch(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -77,8 +71,8 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
-    _check_shape("src", src, (None, 2))
-    _check_shape("dst", dst, (src.shape[0], 2))
+    check_shape("src", src, (None, 2))
+    check_shape("dst", dst, (src.shape[0], 2))
     if src.shape[0] < 2:
         raise ValueError(f"src must have at least 2 points, got shape {src.shape}")
     return _similarity_batch(src[None], dst[None])[0]
@@ -102,7 +96,7 @@ def _chip_geometry(keypoints: np.ndarray, size: int) -> tuple[np.ndarray, np.nda
 
 def _check_keypoints(keypoints: np.ndarray, size: int) -> np.ndarray:
     keypoints = np.asarray(keypoints)
-    _check_shape("keypoints", keypoints, (None, NUM_KEYPOINTS, 2))
+    check_shape("keypoints", keypoints, (None, NUM_KEYPOINTS, 2))
     if size < 2:
         raise ValueError(f"size must be at least 2, got {size}")
     return keypoints
@@ -229,7 +223,7 @@ def extract_chips(image_rgb: np.ndarray, keypoints: np.ndarray, size: int) -> np
         (n, size, size, 3) uint8; area outside the frame is black, as in dlib.
     """
     image_rgb = np.asarray(image_rgb)
-    _check_shape("image_rgb", image_rgb, (None, None, 3))
+    check_shape("image_rgb", image_rgb, (None, None, 3))
     if image_rgb.dtype != np.uint8:
         raise ValueError(f"image_rgb must be uint8, got {image_rgb.dtype}")
     keypoints = _check_keypoints(keypoints, size)
@@ -256,7 +250,7 @@ def pad_to_canvas(
     from keypoints found on the canvas to get crop coordinates.
     """
     image = np.asarray(image)
-    _check_shape("image", image, (None, None, 3))
+    check_shape("image", image, (None, None, 3))
     if scale < 1.0:
         raise ValueError(f"scale must be >= 1, got {scale}")
     rows, cols = image.shape[:2]

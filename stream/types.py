@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
+def check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
     """Raise ValueError naming `name` when `array` does not have the `expected` shape.
 
     `None` in `expected` matches any length on that axis.
@@ -41,7 +41,7 @@ class Frame:
     source_id: str
 
     def __post_init__(self) -> None:
-        _check_shape("Frame.image", self.image, (None, None, 3))
+        check_shape("Frame.image", self.image, (None, None, 3))
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ class Faces:
     keypoints: np.ndarray
 
     def __post_init__(self) -> None:
-        _check_shape("Faces.xyxy", self.xyxy, (None, 4))
+        check_shape("Faces.xyxy", self.xyxy, (None, 4))
         n = len(self.xyxy)
-        _check_shape("Faces.score", self.score, (n,))
-        _check_shape("Faces.keypoints", self.keypoints, (n, 6, 2))
+        check_shape("Faces.score", self.score, (n,))
+        check_shape("Faces.keypoints", self.keypoints, (n, 6, 2))
 
     def __len__(self) -> int:
         return len(self.xyxy)
@@ -96,10 +96,10 @@ class Estimates:
     age_confidence: np.ndarray
 
     def __post_init__(self) -> None:
-        _check_shape("Estimates.age", self.age, (None,))
+        check_shape("Estimates.age", self.age, (None,))
         n = len(self.age)
-        _check_shape("Estimates.p_male", self.p_male, (n,))
-        _check_shape("Estimates.age_confidence", self.age_confidence, (n,))
+        check_shape("Estimates.p_male", self.p_male, (n,))
+        check_shape("Estimates.age_confidence", self.age_confidence, (n,))
 
     def __len__(self) -> int:
         return len(self.age)
@@ -126,4 +126,4 @@ class FrameResult:
                 f"but got {len(self.estimates)} estimates"
             )
         if self.track_ids is not None:
-            _check_shape("FrameResult.track_ids", self.track_ids, (len(self.faces),))
+            check_shape("FrameResult.track_ids", self.track_ids, (len(self.faces),))
