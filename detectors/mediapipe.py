@@ -19,8 +19,18 @@ from stream.types import Faces
 # keep the user's terminal for our own messages.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-import mediapipe as mp  # noqa: E402
-from mediapipe.tasks.python import BaseOptions, vision  # noqa: E402
+# mediapipe.tasks imports TensorFlow, when it is installed (the [tensorflow] extra), only
+# for documentation decorators: seconds of start-up and hundreds of MB for nothing. Hide
+# it during that import; code that needs TensorFlow later still imports it normally.
+_tensorflow_hidden = "tensorflow" not in sys.modules
+if _tensorflow_hidden:
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]
+try:
+    import mediapipe as mp  # noqa: E402
+    from mediapipe.tasks.python import BaseOptions, vision  # noqa: E402
+finally:
+    if _tensorflow_hidden:
+        del sys.modules["tensorflow"]
 
 log = logging.getLogger(__name__)
 

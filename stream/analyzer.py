@@ -8,34 +8,81 @@ import cv2
 import numpy as np
 
 from detectors import Detector
-from estimators import Estimator
+from estimators import CropSpec, Estimator
 from stream.align import extract_chips
-from stream.types import Estimates, Faces
+from stream.types import Estimates, Faces, check_shape
+
+
+def box_crops(image_rgb: np.ndarray, xyxy: np.ndarray, size: int, margin: float) -> np.ndarray:
+    """Upright square crops centred on each box, side = margin x the box's longer side.
+
+    Args:
+        image_rgb: (H, W, 3) uint8 frame.
+        xyxy: (n, 4) boxes in pixels.
+        size: output side in pixels.
+        margin: crop side as a multiple of the box's longer side.
+
+    Returns:
+        (n, size, size, 3) uint8; area outside the frame is black (as InsightFace pads).
+    """
+    check_shape("xyxy", xyxy, (None, 4))
+    rows, cols = image_rgb.shape[:2]
+    crops = np.zeros((len(xyxy), size, size, 3), np.uint8)
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(xyxy, np.float64)):
+        side = max(1, round(max(x2 - x1, y2 - y1) * margin))
+        left = round((x1 + x2 - side) / 2)
+        top = round((y1 + y2 - side) / 2)
+        square = np.zeros((side, side, 3), np.uint8)
+        # The part of the square inside the frame; the rest stays black.
+        in_left, in_top = max(left, 0), max(top, 0)
+        in_right, in_bottom = min(left + side, cols), min(top + side, rows)
+        if in_left < in_right and in_top < in_bottom:
+            square[in_top - top : in_bottom - top, in_left - left : in_right - left] = image_rgb[
+                in_top:in_bottom, in_left:in_right
+            ]
+        # Area averaging when shrinking avoids aliasing on large faces.
+        interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        crops[i] = cv2.resize(square, (size, size), interpolation=interpolation)
+    return crops
+
+
+def cut_crops(image_rgb: np.ndarray, faces: Faces, spec: CropSpec) -> np.ndarray:
+    """The (n, size, size, 3) uint8 RGB crops `spec` asks for, one per face."""
+    if spec.align == "chip":
+        return extract_chips(image_rgb, faces.keypoints, spec.size)
+    return box_crops(image_rgb, faces.xyxy, spec.size, spec.margin)
 
 
 class FaceAnalyzer:
-    """Runs the detector, aligns every face once per chip size, estimates all faces in one batch."""
+    """Runs the detector, cuts every face once per crop spec, estimates all faces in one batch.
+
+    `detect` and `estimate` are separate so that the pipeline can estimate only the
+    faces whose tracks still need it.
+    """
 
     def __init__(self, detector: Detector, estimator: Estimator) -> None:
         self.detector = detector
         self.estimator = estimator
 
+    def detect(self, image_rgb: np.ndarray, timings: dict[str, float]) -> Faces:
+        started = time.perf_counter()
+        faces = self.detector.detect(image_rgb)
+        timings["detect"] = (time.perf_counter() - started) * 1000
+        return faces
+
+    def estimate(self, image_rgb: np.ndarray, faces: Faces, timings: dict[str, float]) -> Estimates:
+        """Estimates for `faces`, in one batched call per model."""
+        started = time.perf_counter()
+        crops = {spec: cut_crops(image_rgb, faces, spec) for spec in self.estimator.crops}
+        aligned = time.perf_counter()
+        estimates = self.estimator.estimate(crops)
+        timings["align"] = (aligned - started) * 1000
+        timings["estimate"] = (time.perf_counter() - aligned) * 1000
+        return estimates
+
     def analyze(self, image_bgr: np.ndarray) -> tuple[Faces, Estimates, dict[str, float]]:
         """Returns the faces, their estimates and per-stage timings in milliseconds."""
-        started = time.perf_counter()
+        timings: dict[str, float] = {}
         image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        faces = self.detector.detect(image_rgb)
-        detected = time.perf_counter()
-        chips = {
-            size: extract_chips(image_rgb, faces.keypoints, size)
-            for size in self.estimator.chip_sizes
-        }
-        aligned = time.perf_counter()
-        estimates = self.estimator.estimate(chips)
-        estimated = time.perf_counter()
-        timings = {
-            "detect": (detected - started) * 1000,
-            "align": (aligned - detected) * 1000,
-            "estimate": (estimated - aligned) * 1000,
-        }
-        return faces, estimates, timings
+        faces = self.detect(image_rgb, timings)
+        return faces, self.estimate(image_rgb, faces, timings), timings

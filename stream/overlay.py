@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -12,6 +13,7 @@ from stream.types import FrameResult
 FEMALE_COLOUR = (180, 105, 255)  # BGR pink
 MALE_COLOUR = (255, 160, 60)  # BGR blue
 HUD_COLOUR = (255, 255, 255)
+NO_GENDER_COLOUR = (200, 200, 200)  # age-only estimators
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,21 @@ class HudStats:
     dropped: int
 
 
-def face_label(age: float, p_male: float) -> tuple[str, float]:
-    """`("F 34", confidence)`, the confidence being that of the gender call."""
-    is_male = p_male >= 0.5
-    return f"{'M' if is_male else 'F'} {age:.0f}", p_male if is_male else 1.0 - p_male
+def face_label(
+    age: float, p_male: float, is_male: bool, uncertainty: float = math.inf
+) -> tuple[str, float | None]:
+    """`("F 34±2", confidence)`; the confidence is that of the gender call, the ± the age's
+    standard error once a track has more than one estimate. What an estimator does not
+    predict (NaN) is left out."""
+    parts = []
+    if not math.isnan(p_male):
+        parts.append("M" if is_male else "F")
+    if not math.isnan(age):
+        parts.append(
+            f"{age:.0f}" + (f"±{max(uncertainty, 1.0):.0f}" if math.isfinite(uncertainty) else "")
+        )
+    confidence = None if math.isnan(p_male) else (p_male if is_male else 1.0 - p_male)
+    return " ".join(parts), confidence
 
 
 def _text_with_background(
@@ -48,12 +61,30 @@ def annotate(result: FrameResult, stats: HudStats) -> np.ndarray:
     """Return a copy of the frame with faces labelled and the HUD drawn."""
     image = result.frame.image.copy()
     scale = max(0.4, image.shape[0] / 900)
-    for box, age, p_male in zip(result.faces.xyxy, result.estimates.age, result.estimates.p_male):
+    smoothed = result.smoothed
+    for i, box in enumerate(result.faces.xyxy):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
-        label, confidence = face_label(float(age), float(p_male))
-        colour = MALE_COLOUR if p_male >= 0.5 else FEMALE_COLOUR
+        if smoothed is None:
+            p_male = float(result.estimates.p_male[i])
+            label, confidence = face_label(float(result.estimates.age[i]), p_male, p_male >= 0.5)
+            is_male = p_male >= 0.5
+        else:
+            is_male = bool(smoothed.is_male[i])
+            label, confidence = face_label(
+                float(smoothed.age[i]),
+                float(smoothed.p_male[i]),
+                is_male,
+                float(smoothed.age_uncertainty[i]),
+            )
+        if result.track_ids is not None:
+            label = f"#{result.track_ids[i]} {label}"
+        colour = (
+            NO_GENDER_COLOUR if confidence is None else (MALE_COLOUR if is_male else FEMALE_COLOUR)
+        )
         cv2.rectangle(image, (x1, y1), (x2, y2), colour, max(1, round(scale * 2)))
-        _text_with_background(image, f"{label} ({confidence:.0%})", (x1, y1 - 4), colour, scale)
+        if confidence is not None:
+            label += f" ({confidence:.0%})"
+        _text_with_background(image, label, (x1, y1 - 4), colour, scale)
     hud = (
         f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
         f" | dropped {stats.dropped}"

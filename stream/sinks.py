@@ -3,14 +3,18 @@ so that whatever was written is finalized on normal end, on errors and on Ctrl-C
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import IO
 
 import cv2
 import numpy as np
 
+from stream.smoothing import TrackSummary
 from stream.types import FrameResult
 
 log = logging.getLogger(__name__)
@@ -56,23 +60,36 @@ class VideoFileSink:
         self.close()
 
 
-def frame_record(result: FrameResult, t_ms: float) -> dict:
-    """The JSON-lines record of one frame."""
+def _number(value: float, digits: int) -> float | None:
+    """JSON has no NaN or infinity: values not known are null."""
+    return round(float(value), digits) if math.isfinite(value) else None
+
+
+def frame_record(result: FrameResult) -> dict:
+    """The JSON-lines record of one frame: smoothed values where tracking ran, with the
+    frame's raw estimate beside them (null where the face was not estimated this frame)."""
+    raw, smoothed = result.estimates, result.smoothed
     faces = []
-    tracks = result.track_ids
     for i, (box, score) in enumerate(zip(result.faces.xyxy, result.faces.score)):
-        p_male = float(result.estimates.p_male[i])
-        faces.append(
-            {
-                "box": [round(float(v), 1) for v in box],
-                "score": round(float(score), 4),
-                "age": round(float(result.estimates.age[i]), 2),
-                "gender": "male" if p_male >= 0.5 else "female",
-                "p_male": round(p_male, 4),
-                "track": None if tracks is None else int(tracks[i]),
-            }
-        )
-    return {"frame": result.frame.index, "t_ms": round(t_ms, 3), "faces": faces}
+        if smoothed is None:
+            age, p_male, is_male = raw.age[i], raw.p_male[i], raw.p_male[i] >= 0.5
+        else:
+            age, p_male, is_male = smoothed.age[i], smoothed.p_male[i], smoothed.is_male[i]
+        face = {
+            "box": [round(float(v), 1) for v in box],
+            "score": round(float(score), 4),
+            "age": _number(age, 2),
+            # Age-only estimators predict no gender: p_male is NaN, gender null.
+            "gender": None if math.isnan(p_male) else ("male" if is_male else "female"),
+            "p_male": _number(p_male, 4),
+            "track": None if result.track_ids is None else int(result.track_ids[i]),
+        }
+        if smoothed is not None:
+            face["age_uncertainty"] = _number(smoothed.age_uncertainty[i], 2)
+            face["age_raw"] = _number(raw.age[i], 2)
+            face["p_male_raw"] = _number(raw.p_male[i], 4)
+        faces.append(face)
+    return {"frame": result.frame.index, "t_ms": round(result.t_ms, 3), "faces": faces}
 
 
 class JsonLinesSink:
@@ -93,6 +110,47 @@ class JsonLinesSink:
         self._file.close()
 
     def __enter__(self) -> JsonLinesSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+TRACK_CSV_COLUMNS = [f.name for f in dataclasses.fields(TrackSummary)]
+
+
+class TrackCsvSink:
+    """One row per track, written when the track ends; flushed so a killed run keeps rows."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        _parent_must_exist(self.path, "tracks CSV")
+        self._file: IO[str] = self.path.open("w", encoding="utf-8", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=TRACK_CSV_COLUMNS)
+        self._writer.writeheader()
+        self.rows_written = 0
+
+    def write_all(self, summaries: list[TrackSummary]) -> None:
+        for summary in summaries:
+            row = dataclasses.asdict(summary)
+            for name, digits in (
+                ("first_t_ms", 1),
+                ("last_t_ms", 1),
+                ("age", 2),
+                ("age_uncertainty", 2),
+                ("p_male", 4),
+                ("mean_quality", 4),
+            ):
+                row[name] = "" if not math.isfinite(row[name]) else round(row[name], digits)
+            self._writer.writerow(row)
+            self.rows_written += 1
+        if summaries:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TrackCsvSink:
         return self
 
     def __exit__(self, *exc: object) -> None:

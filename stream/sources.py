@@ -2,17 +2,21 @@
 
 `VideoSource` opens a capture and fails fast with `SourceError`; `CaptureThread`
 reads it into a `FrameBuffer` (lossless for files, newest-wins for live sources)
-and always ends the stream with `END_OF_STREAM`. Reconnection, when it comes,
-belongs in `VideoSource.read` for URL sources, so the thread and buffers stay as
-they are.
+and always ends the stream with `END_OF_STREAM`. A URL source that stops
+delivering frames after a successful open reconnects inside `VideoSource.read`
+with capped exponential backoff, reporting `SourceEvent`s; it inserts no
+placeholder frames, and files and webcams never reconnect.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -25,13 +29,17 @@ from stream.types import Frame, SourceInfo
 
 __all__ = [
     "CaptureThread",
+    "ReconnectPolicy",
     "SimulatedLiveSource",
     "SourceError",
+    "SourceEvent",
     "SourceSpec",
     "VideoSource",
     "parse_source",
     "redact",
 ]
+
+log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 
@@ -41,6 +49,16 @@ FALLBACK_FPS = 30.0
 # Longest the capture thread waits to hand over END_OF_STREAM; buffers never
 # block on it, so this only bounds a misbehaving buffer.
 END_PUT_TIMEOUT_S = 1.0
+
+# How often a reconnect in progress looks at the stop event.
+STOP_POLL_S = 0.05
+
+# FFmpeg reads its capture options from this variable when a capture opens.
+FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+RTSP_TRANSPORTS = ("tcp", "udp")
+
+# The environment is process-wide: captures opening at once must not see each other's options.
+_ENV_LOCK = threading.Lock()
 
 # Userinfo of a URL: everything between "scheme://" and the last "@" before the path.
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
@@ -53,6 +71,46 @@ class SourceError(RuntimeError):
 def redact(url: str) -> str:
     """`url` with any `user:password@` replaced by `***@`, safe for logs and errors."""
     return _USERINFO.sub(r"\1***@", url)
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """Waits between reconnect attempts: `initial_s`, doubling up to `max_s`, forever.
+
+    A camera that reboots or a flaky link comes back on its own; only stopping
+    the run (Ctrl-C, SIGTERM) ends the attempts.
+    """
+
+    initial_s: float = 0.25
+    max_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError(
+                f"ReconnectPolicy needs 0 < initial_s <= max_s, but got {self.initial_s}, "
+                f"{self.max_s}"
+            )
+
+    def delay_s(self, attempt: int) -> float:
+        """Wait before attempt number `attempt` (1-based)."""
+        return min(self.initial_s * 2 ** (attempt - 1), self.max_s)
+
+
+@dataclass(frozen=True)
+class SourceEvent:
+    """Something that happened to a live source, for the log and the JSON lines.
+
+    Attributes:
+        kind: "reconnecting" (before each attempt) or "reconnected".
+        timestamp: time.monotonic() when it happened.
+        attempt: 1 for the first attempt after a loss, counting up until it succeeds.
+        down_s: for "reconnected", seconds since the loss was noticed; else None.
+    """
+
+    kind: Literal["reconnecting", "reconnected"]
+    timestamp: float
+    attempt: int
+    down_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +163,19 @@ class VideoSource:
     `read` is safe to call from the capture thread while another thread calls
     `close`: a lock keeps `release` from running under a `read` in progress.
 
+    A URL source that is lost after a successful `open` reconnects in `read`
+    (see `ReconnectPolicy`), emitting `SourceEvent`s to `on_event`; `stop_event`
+    ends the attempts within `STOP_POLL_S`, even while a connection attempt is
+    still blocked in FFmpeg.
+
     Args:
         spec: source argument (see `parse_source`) or an already parsed `SourceSpec`.
         open_timeout_ms: how long to wait for a URL to connect.
         read_timeout_ms: how long a URL read may stall before it counts as lost.
+        rtsp_transport: "tcp" (no packet loss, passes NAT) or "udp", for rtsp:// URLs.
+        reconnect: backoff for URL sources; None turns reconnection off.
+        stop_event: set to end a reconnect in progress (`read` then returns None).
+        on_event: called with each `SourceEvent`, on the reading thread.
     """
 
     def __init__(
@@ -117,6 +184,10 @@ class VideoSource:
         *,
         open_timeout_ms: int = 5000,
         read_timeout_ms: int = 5000,
+        rtsp_transport: str = "tcp",
+        reconnect: ReconnectPolicy | None = ReconnectPolicy(),
+        stop_event: threading.Event | None = None,
+        on_event: Callable[[SourceEvent], None] | None = None,
     ) -> None:
         for name, value in (
             ("open_timeout_ms", open_timeout_ms),
@@ -124,9 +195,19 @@ class VideoSource:
         ):
             if value <= 0:
                 raise ValueError(f"VideoSource {name} must be positive, but got {value}")
+        if rtsp_transport not in RTSP_TRANSPORTS:
+            raise ValueError(
+                f"Invalid rtsp_transport {rtsp_transport!r}, expecting one of "
+                f"{', '.join(RTSP_TRANSPORTS)}"
+            )
         self.spec = spec if isinstance(spec, SourceSpec) else parse_source(spec)
         self.open_timeout_ms = open_timeout_ms
         self.read_timeout_ms = read_timeout_ms
+        self.rtsp_transport = rtsp_transport
+        self.reconnect = reconnect if self.spec.kind == "url" else None
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.on_event = on_event
+        self.reconnects = 0
         self._capture: cv2.VideoCapture | None = None
         self._first: np.ndarray | None = None
         self._info: SourceInfo | None = None
@@ -148,24 +229,7 @@ class VideoSource:
         Raises:
             SourceError: it cannot be opened or yields no first frame.
         """
-        if self.spec.kind == "url":
-            # Without these, FFmpeg can wait 30 s on a dead host or a stalled stream.
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.open_timeout_ms]
-            params += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.read_timeout_ms]
-            capture = cv2.VideoCapture(self.spec.target, cv2.CAP_FFMPEG, params)
-        else:
-            capture = cv2.VideoCapture(self.spec.target)
-        hint = _OPEN_HINTS[self.spec.kind]
-        if not capture.isOpened():
-            capture.release()
-            raise SourceError(f"cannot open video source {self.source_id}: {hint}")
-        ok, first = capture.read()
-        if not ok or first is None:
-            capture.release()
-            raise SourceError(
-                f"cannot read a first frame from video source {self.source_id}: {hint}"
-            )
-
+        capture, first = self._connect()
         fps = capture.get(cv2.CAP_PROP_FPS)
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.spec.kind == "file" else 0
         self._info = SourceInfo(
@@ -180,11 +244,46 @@ class VideoSource:
         self._capture, self._first = capture, first
         return self
 
-    def read(self) -> np.ndarray | None:
-        """Next BGR image, or None at the end of a file.
+    def _connect(self) -> tuple[cv2.VideoCapture, np.ndarray]:
+        """A new capture and its first frame.
 
         Raises:
-            SourceError: a live source stopped delivering frames.
+            SourceError: it cannot be opened or yields no first frame.
+        """
+        if self.spec.kind == "url":
+            # Without these, FFmpeg can wait 30 s on a dead host or a stalled stream.
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, self.open_timeout_ms]
+            params += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.read_timeout_ms]
+            with _ENV_LOCK:
+                saved = os.environ.get(FFMPEG_OPTIONS_ENV)
+                if self.spec.target.lower().startswith(("rtsp://", "rtsps://")):
+                    os.environ[FFMPEG_OPTIONS_ENV] = f"rtsp_transport;{self.rtsp_transport}"
+                try:
+                    capture = cv2.VideoCapture(self.spec.target, cv2.CAP_FFMPEG, params)
+                finally:
+                    if saved is None:
+                        os.environ.pop(FFMPEG_OPTIONS_ENV, None)
+                    else:
+                        os.environ[FFMPEG_OPTIONS_ENV] = saved
+        else:
+            capture = cv2.VideoCapture(self.spec.target)
+        hint = _OPEN_HINTS[self.spec.kind]
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open video source {self.source_id}: {hint}")
+        ok, first = capture.read()
+        if not ok or first is None:
+            capture.release()
+            raise SourceError(
+                f"cannot read a first frame from video source {self.source_id}: {hint}"
+            )
+        return capture, first
+
+    def read(self) -> np.ndarray | None:
+        """Next BGR image, or None at the end of a file or once stopped while reconnecting.
+
+        Raises:
+            SourceError: a live source stopped delivering frames and does not reconnect.
         """
         if self._first is not None:
             image, self._first = self._first, None
@@ -197,10 +296,89 @@ class VideoSource:
             return image
         if self.spec.kind == "file":
             return None
+        if self.reconnect is not None:
+            return self._reconnect()
         raise SourceError(
             f"lost video source {self.source_id}: it stopped delivering frames; "
             f"{_OPEN_HINTS[self.spec.kind]}"
         )
+
+    def _emit(self, event: SourceEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _reconnect(self) -> np.ndarray | None:
+        """Reconnect until it works or `stop_event` is set; the first new image, or None."""
+        assert self.reconnect is not None
+        lost_at = time.monotonic()
+        with self._lock:
+            if self._capture is not None:
+                self._capture.release()
+        attempt = 0
+        while not self.stop_event.is_set():
+            attempt += 1
+            delay = self.reconnect.delay_s(attempt)
+            log.warning(
+                "lost video source %s: reconnecting in %.2f s (attempt %d)",
+                self.source_id,
+                delay,
+                attempt,
+            )
+            self._emit(SourceEvent("reconnecting", time.monotonic(), attempt))
+            if self.stop_event.wait(delay):
+                break
+            connected = self._connect_unless_stopped()
+            if connected is None:
+                continue
+            with self._lock:
+                if self._capture is None:  # closed meanwhile
+                    connected[0].release()
+                    return None
+                self._capture = connected[0]
+            down_s = time.monotonic() - lost_at
+            self.reconnects += 1
+            log.warning(
+                "reconnected to video source %s after %.2f s (attempt %d)",
+                self.source_id,
+                down_s,
+                attempt,
+            )
+            self._emit(SourceEvent("reconnected", time.monotonic(), attempt, down_s))
+            return connected[1]
+        return None
+
+    def _connect_unless_stopped(self) -> tuple[cv2.VideoCapture, np.ndarray] | None:
+        """`_connect` on a helper thread, abandoned (and cleaned up) if `stop_event` is set.
+
+        FFmpeg's own open timeout can exceed the time a stop may take.
+        """
+        outcome: list[tuple[cv2.VideoCapture, np.ndarray] | None] = []
+        abandoned = threading.Event()
+        lock = threading.Lock()
+
+        def connect() -> None:
+            try:
+                connected: tuple[cv2.VideoCapture, np.ndarray] | None = self._connect()
+            except SourceError as error:
+                log.debug("reconnect attempt failed: %s", error)
+                connected = None
+            with lock:
+                if abandoned.is_set() and connected is not None:
+                    connected[0].release()
+                else:
+                    outcome.append(connected)
+
+        worker = threading.Thread(target=connect, name=f"connect:{self.source_id}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(STOP_POLL_S)
+            if self.stop_event.is_set():
+                with lock:
+                    abandoned.set()
+                    if outcome and outcome[0] is not None:
+                        outcome[0][0].release()
+                return None
+        return outcome[0] if outcome else None
 
     def close(self) -> None:
         with self._lock:
@@ -226,9 +404,10 @@ class SimulatedLiveSource(VideoSource):
     Args:
         path: video file.
         fps: playback rate; None plays at the file's own rate.
+        loop: start over at the end instead of ending (soak runs); frame numbers keep counting.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, loop: bool = False) -> None:
         spec = parse_source(str(path))
         if spec.kind != "file":
             raise SourceError(f"simulated live source needs a video file, but got {spec.source_id}")
@@ -236,6 +415,7 @@ class SimulatedLiveSource(VideoSource):
             raise ValueError(f"SimulatedLiveSource fps must be positive, but got {fps}")
         super().__init__(spec)
         self.fps = fps
+        self.loop = loop
         self._next_due = 0.0
 
     def open(self) -> SimulatedLiveSource:
@@ -251,7 +431,13 @@ class SimulatedLiveSource(VideoSource):
         if delay > 0:
             time.sleep(delay)
         self._next_due = max(self._next_due, time.monotonic()) + 1.0 / self.info.fps
-        return super().read()
+        image = super().read()
+        if image is None and self.loop:
+            with self._lock:
+                if self._capture is not None:
+                    self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            image = super().read()
+        return image
 
 
 class CaptureThread(threading.Thread):

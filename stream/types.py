@@ -85,21 +85,37 @@ class Faces:
 class Estimates:
     """Age and gender estimates for a batch of faces, as column arrays.
 
+    A column an estimator does not predict is NaN (an age-only model's p_male, a
+    regressor's age_confidence); optional columns are None when not produced.
+
     Attributes:
         age: (n,) float32 expected age in years.
         p_male: (n,) float32 probability that the face is male.
         age_confidence: (n,) float32 probability of the most likely age class.
+        age_groups: (n, k) float32 age-group probabilities of a group classifier, or None.
+        age_group_labels: the k group labels, in column order; set with `age_groups`.
+        age_raw: (n,) float32 age before the estimator's bias correction, or None.
     """
 
     age: np.ndarray
     p_male: np.ndarray
     age_confidence: np.ndarray
+    age_groups: np.ndarray | None = None
+    age_group_labels: tuple[str, ...] | None = None
+    age_raw: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_shape("Estimates.age", self.age, (None,))
         n = len(self.age)
         check_shape("Estimates.p_male", self.p_male, (n,))
         check_shape("Estimates.age_confidence", self.age_confidence, (n,))
+        if (self.age_groups is None) != (self.age_group_labels is None):
+            raise ValueError("Estimates.age_groups and age_group_labels must be set together")
+        if self.age_groups is not None:
+            labels = self.age_group_labels or ()
+            check_shape("Estimates.age_groups", self.age_groups, (n, len(labels)))
+        if self.age_raw is not None:
+            check_shape("Estimates.age_raw", self.age_raw, (n,))
 
     def __len__(self) -> int:
         return len(self.age)
@@ -110,20 +126,58 @@ class Estimates:
 
 
 @dataclass(frozen=True)
+class Smoothed:
+    """Per-track smoothed estimates for the faces of one frame, as column arrays.
+
+    Attributes:
+        age: (n,) years.
+        age_uncertainty: (n,) standard error in years (inf until there are two estimates).
+        p_male: (n,) from the weighted mean log-odds.
+        is_male: (n,) the displayed label, which flips only on strong evidence.
+    """
+
+    age: np.ndarray
+    age_uncertainty: np.ndarray
+    p_male: np.ndarray
+    is_male: np.ndarray
+
+    def __post_init__(self) -> None:
+        check_shape("Smoothed.age", self.age, (None,))
+        n = len(self.age)
+        for name in ("age_uncertainty", "p_male", "is_male"):
+            check_shape(f"Smoothed.{name}", getattr(self, name), (n,))
+
+
+@dataclass(frozen=True)
 class FrameResult:
-    """Everything known about one processed frame."""
+    """Everything known about one processed frame.
+
+    `estimates` are this frame's raw estimates, NaN for faces that were not
+    estimated (see `estimated`); `smoothed` are the per-track values shown.
+    """
 
     frame: Frame
     faces: Faces
     estimates: Estimates
     track_ids: np.ndarray | None = None
+    smoothed: Smoothed | None = None
+    estimated: np.ndarray | None = None
+    t_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.estimates) != len(self.faces):
+        n = len(self.faces)
+        if len(self.estimates) != n:
             raise ValueError(
-                f"FrameResult needs one estimate per face: {len(self.faces)} faces, "
+                f"FrameResult needs one estimate per face: {n} faces, "
                 f"but got {len(self.estimates)} estimates"
             )
         if self.track_ids is not None:
-            check_shape("FrameResult.track_ids", self.track_ids, (len(self.faces),))
+            check_shape("FrameResult.track_ids", self.track_ids, (n,))
+        if self.smoothed is not None and len(self.smoothed.age) != n:
+            raise ValueError(
+                f"FrameResult needs one smoothed estimate per face: {n} faces, "
+                f"but got {len(self.smoothed.age)}"
+            )
+        if self.estimated is not None:
+            check_shape("FrameResult.estimated", self.estimated, (n,))

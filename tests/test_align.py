@@ -130,11 +130,19 @@ def test_no_faces_gives_empty_batch() -> None:
 
 def test_shape_errors_name_expected_and_actual() -> None:
     image = np.zeros((10, 10, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"keypoints must be an array of shape \(_, 6, 2\), but got shape \(3, 5, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"keypoints must be an array of shape \(_, 6, 2\), but got shape \(3, 5, 2\)",
+    ):
         align.extract_chips(image, np.zeros((3, 5, 2)), 64)
-    with pytest.raises(ValueError, match=r"image_rgb must be an array of shape \(_, _, 3\), but got shape \(10, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image_rgb must be an array of shape \(_, _, 3\), but got shape \(10, 10\)",
+    ):
         align.extract_chips(np.zeros((10, 10), np.uint8), np.zeros((1, 6, 2)), 64)
-    with pytest.raises(ValueError, match=r"dst must be an array of shape \(4, 2\), but got shape \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"dst must be an array of shape \(4, 2\), but got shape \(3, 2\)"
+    ):
         align.similarity_transform(np.zeros((4, 2)), np.zeros((3, 2)))
 
 

@@ -32,7 +32,7 @@ def test_given_unknown_top_level_key_then_error_names_it_and_the_valid_keys(tmp_
         load_config(write(tmp_path, "detectr:\n  model: full\n"))
     message = str(error.value)
     assert "'detectr'" in message
-    assert "detector, estimator, models_dir, output, source" in message
+    assert "detector, estimator, models_dir, output, source, tracking" in message
 
 
 def test_given_unknown_nested_key_then_error_names_its_path(tmp_path: Path) -> None:
@@ -79,5 +79,5 @@ def test_given_unknown_key_when_cli_runs_then_one_line_and_exit_2(
     assert code == 2
     assert err == [
         f"agestream: config error: {path}: unknown config key 'outputs'; "
-        "valid keys here: detector, estimator, models_dir, output, source"
+        "valid keys here: detector, estimator, models_dir, output, source, tracking"
     ]

@@ -20,7 +20,12 @@ def first_frame_rgb(name: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("model", "width", "expected"),
-    [("auto", 1280, "full"), ("auto", 640, "short"), ("short", 1920, "short"), ("full", 320, "full")],
+    [
+        ("auto", 1280, "full"),
+        ("auto", 640, "short"),
+        ("short", 1920, "short"),
+        ("full", 320, "full"),
+    ],
 )
 def test_given_model_setting_and_width_then_variant(model: str, width: int, expected: str) -> None:
     assert resolve_model(model, width, auto_full_range_width=640) == expected

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from estimators import ESTIMATORS, create_estimator
+from estimators import ESTIMATORS, CropSpec, create_estimator
 from estimators.onnx_genderage import ModelLoadError, create_session, decode
 from stream.config import ConfigError, EstimatorConfig
 
@@ -43,9 +43,7 @@ def test_given_wrong_output_shapes_then_error_says_expected_and_actual() -> None
 
 
 def test_given_unknown_estimator_then_error_lists_valid_names() -> None:
-    with pytest.raises(
-        ConfigError, match="Invalid estimator 'nope', expecting one of onnx-genderage"
-    ):
+    with pytest.raises(ConfigError, match="Invalid estimator 'nope', expecting one of .*onnx"):
         create_estimator(EstimatorConfig(name="nope"))
     assert "onnx-genderage" in ESTIMATORS
 
@@ -54,7 +52,7 @@ def test_given_corrupt_model_file_then_one_line_error_names_it(tmp_path) -> None
     bad = tmp_path / "age.onnx"
     bad.write_bytes(b"not an onnx model")
     with pytest.raises(ModelLoadError, match=f"cannot load ONNX model {bad}") as error:
-        create_session(bad, EstimatorConfig())
+        create_session(bad)
     assert "\n" not in str(error.value)
 
 
@@ -65,7 +63,7 @@ def test_given_unavailable_provider_then_it_falls_back_to_cpu_with_a_warning(cap
     estimator = create_estimator(
         EstimatorConfig(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
     )
-    assert estimator.chip_sizes == (32, 64)
+    assert estimator.crops == (CropSpec(32), CropSpec(64))
     assert any("CUDAExecutionProvider is not available" in r.message for r in caplog.records)
     assert any("runs on CPUExecutionProvider" in r.message for r in caplog.records)
 
@@ -73,7 +71,10 @@ def test_given_unavailable_provider_then_it_falls_back_to_cpu_with_a_warning(cap
 def test_given_real_weights_then_a_batch_equals_single_calls() -> None:
     estimator = create_estimator(EstimatorConfig())
     rng = np.random.default_rng(0)
-    chips = {size: rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8) for size in (32, 64)}
+    chips = {
+        spec: rng.integers(0, 256, (5, spec.size, spec.size, 3), dtype=np.uint8)
+        for spec in estimator.crops
+    }
     batched = estimator.estimate(chips)
     singles = [estimator.estimate({s: c[i : i + 1] for s, c in chips.items()}) for i in range(5)]
     np.testing.assert_allclose(batched.age, [s.age[0] for s in singles], rtol=1e-4)

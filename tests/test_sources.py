@@ -12,6 +12,7 @@ import pytest
 from stream.buffers import END_OF_STREAM, BlockingBuffer, LatestFrameBuffer, make_buffer
 from stream.sources import (
     CaptureThread,
+    ReconnectPolicy,
     SimulatedLiveSource,
     SourceError,
     VideoSource,
@@ -260,3 +261,40 @@ def test_given_source_failing_mid_stream_when_captured_then_error_kept_and_strea
     assert isinstance(capture.error, SourceError)
     with pytest.raises(SourceError, match="lost video source"):
         capture.raise_if_failed()
+
+
+def test_given_policy_when_delays_asked_then_doubling_capped():
+    policy = ReconnectPolicy(initial_s=0.25, max_s=2.0)
+
+    assert [policy.delay_s(n) for n in range(1, 7)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize(("initial_s", "max_s"), [(0.0, 1.0), (2.0, 1.0), (-1.0, 1.0)])
+def test_given_bad_backoff_when_policy_built_then_value_error(initial_s, max_s):
+    with pytest.raises(ValueError, match="ReconnectPolicy"):
+        ReconnectPolicy(initial_s=initial_s, max_s=max_s)
+
+
+def test_given_unknown_rtsp_transport_when_source_built_then_value_error_lists_valid():
+    with pytest.raises(ValueError, match="expecting one of tcp, udp"):
+        VideoSource("rtsp://127.0.0.1:9/x", rtsp_transport="http")
+
+
+def test_given_url_when_built_then_reconnects_but_webcam_never_does():
+    assert VideoSource("rtsp://127.0.0.1:9/x").reconnect is not None
+    assert VideoSource(0).reconnect is None
+
+
+@needs_clip
+def test_given_file_when_built_then_never_reconnects():
+    assert VideoSource(str(CLIP)).reconnect is None
+    assert SimulatedLiveSource(CLIP).reconnect is None
+
+
+@needs_clip
+def test_given_looping_simulated_source_when_read_past_end_then_starts_over():
+    with SimulatedLiveSource(CLIP, fps=10_000, loop=True) as source:
+        images = [source.read() for _ in range(CLIP_FRAMES + 5)]
+
+    assert all(image is not None for image in images)
+    np.testing.assert_array_equal(images[CLIP_FRAMES], images[0])

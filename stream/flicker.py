@@ -1,0 +1,147 @@
+"""Label flicker of a run, from its JSON lines: how often each track's displayed age group
+and gender change per second, raw per-frame estimates against smoothed ones."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# The age groups of the FairFace ViT model card (seed 000): 0-2, 3-9, 10-19, ..., 70+.
+AGE_GROUP_EDGES = (0, 3, 10, 20, 30, 40, 50, 60, 70)
+SHORT_TRACK_S = 1.0
+
+
+def age_group_index(age: float) -> int:
+    return int(np.searchsorted(AGE_GROUP_EDGES, age, side="right")) - 1
+
+
+def label_changes(labels: list[object]) -> int:
+    """Changes between consecutive known labels (None, a frame not estimated, is skipped)."""
+    known = [label for label in labels if label is not None]
+    return sum(a != b for a, b in zip(known, known[1:]))
+
+
+@dataclass(frozen=True)
+class TrackFlicker:
+    track: int
+    frames: int
+    seconds: float
+    age_changes_raw: int
+    age_changes_smoothed: int
+    gender_changes_raw: int
+    gender_changes_smoothed: int
+
+
+def read_records(path: Path) -> list[dict]:
+    """Frame records of a JSON-lines file; event lines (no "faces") are ignored."""
+    with path.open(encoding="utf-8") as file:
+        records = [json.loads(line) for line in file if line.strip()]
+    return [record for record in records if "faces" in record]
+
+
+def track_flicker(records: list[dict]) -> list[TrackFlicker]:
+    times = np.array([record["t_ms"] for record in records], dtype=float)
+    frame_ms = float(np.median(np.diff(times))) if len(times) > 1 else 1000 / 30
+    faces_by_track: dict[int, list[tuple[float, dict]]] = defaultdict(list)
+    for record in records:
+        for face in record["faces"]:
+            if face.get("track") is not None:
+                faces_by_track[face["track"]].append((record["t_ms"], face))
+    rows = []
+    for track, seen in sorted(faces_by_track.items()):
+        faces = [face for _, face in seen]
+
+        def group(age: float | None) -> int | None:
+            return None if age is None else age_group_index(age)
+
+        def gender(p_male: float | None) -> bool | None:
+            return None if p_male is None else p_male >= 0.5
+
+        rows.append(
+            TrackFlicker(
+                track=track,
+                frames=len(seen),
+                # Each frame stands for one frame period, so a one-frame track lasts one period.
+                seconds=(seen[-1][0] - seen[0][0] + frame_ms) / 1000,
+                age_changes_raw=label_changes([group(f.get("age_raw")) for f in faces]),
+                age_changes_smoothed=label_changes([group(f["age"]) for f in faces]),
+                gender_changes_raw=label_changes([gender(f.get("p_male_raw")) for f in faces]),
+                gender_changes_smoothed=label_changes([f["gender"] for f in faces]),
+            )
+        )
+    return rows
+
+
+def flicker_report(path: Path) -> dict:
+    """Per-track flicker and totals: changes per track-second, raw and smoothed."""
+    rows = track_flicker(read_records(path))
+    seconds = sum(row.seconds for row in rows)
+
+    def rate(name: str) -> float:
+        return sum(getattr(row, name) for row in rows) / seconds if seconds else 0.0
+
+    return {
+        "file": str(path),
+        "tracks": len(rows),
+        "short_tracks": sum(row.seconds < SHORT_TRACK_S for row in rows),
+        "track_seconds": round(seconds, 3),
+        "age_group_changes_per_s": {
+            "raw": rate("age_changes_raw"),
+            "smoothed": rate("age_changes_smoothed"),
+        },
+        "gender_changes_per_s": {
+            "raw": rate("gender_changes_raw"),
+            "smoothed": rate("gender_changes_smoothed"),
+        },
+        "per_track": [asdict(row) for row in rows],
+    }
+
+
+def compare_runs(path: Path, reference: Path) -> dict:
+    """Smoothed labels of two runs of one clip (e.g. with and without skipping estimates),
+    face by face: same frame, same track id (detection and tracking are deterministic)."""
+
+    def faces(file: Path) -> dict[tuple[int, int], dict]:
+        return {
+            (record["frame"], face["track"]): face
+            for record in read_records(file)
+            for face in record["faces"]
+            if face.get("track") is not None and face.get("age") is not None
+        }
+
+    ours, theirs = faces(path), faces(reference)
+    shared = [key for key in ours if key in theirs]
+    age_diff = np.array([abs(ours[k]["age"] - theirs[k]["age"]) for k in shared])
+    return {
+        "faces_compared": len(shared),
+        "mean_abs_age_diff": float(age_diff.mean()) if shared else float("nan"),
+        "gender_agreement": float(
+            np.mean([ours[k]["gender"] == theirs[k]["gender"] for k in shared])
+        )
+        if shared
+        else float("nan"),
+    }
+
+
+def format_flicker(report: dict) -> str:
+    age, gender = report["age_group_changes_per_s"], report["gender_changes_per_s"]
+    lines = [
+        f"{report['file']}: {report['tracks']} track IDs, {report['short_tracks']} shorter than "
+        f"{SHORT_TRACK_S:.0f} s, {report['track_seconds']:.1f} track-seconds",
+        f"{'track':>5} {'frames':>6} {'s':>6} {'age raw':>8} {'age sm':>7} {'sex raw':>8} {'sex sm':>7}",
+    ]
+    for row in report["per_track"]:
+        lines.append(
+            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>6.1f} {row['age_changes_raw']:>8}"
+            f" {row['age_changes_smoothed']:>7} {row['gender_changes_raw']:>8}"
+            f" {row['gender_changes_smoothed']:>7}"
+        )
+    lines.append(
+        f"changes per track-second: age group raw {age['raw']:.3f}, smoothed {age['smoothed']:.3f};"
+        f" gender raw {gender['raw']:.3f}, smoothed {gender['smoothed']:.3f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""One frame's work with memory: detect → track → estimate the faces that need it → smooth."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import cv2
+import numpy as np
+
+from stream.analyzer import FaceAnalyzer
+from stream.config import TrackingConfig
+from stream.smoothing import TrackSmoother, TrackSummary, view_quality
+from stream.tracking import Tracker
+from stream.types import Estimates, Faces, Frame, FrameResult
+
+log = logging.getLogger(__name__)
+
+
+def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
+    """Full-length estimates with NaN where `mask` is False."""
+    columns = {}
+    for name in ("age", "p_male", "age_confidence"):
+        column = np.full(len(mask), np.nan, np.float32)
+        column[mask] = getattr(estimates, name)
+        columns[name] = column
+    return Estimates(**columns)
+
+
+class FrameProcessor:
+    """Owns the tracker and the smoothing state of one source; not thread-safe by design:
+    one processing thread calls it, so it needs no locks."""
+
+    def __init__(self, analyzer: FaceAnalyzer, tracking: TrackingConfig, fps: float) -> None:
+        self.analyzer = analyzer
+        self.tracker = Tracker(fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits)
+        self.smoother = TrackSmoother(tracking, fps)
+        self.faces_detected = 0
+        self.faces_estimated = 0
+
+    def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[TrackSummary]]:
+        """The frame's result and the summaries of tracks that ended with it."""
+        timings: dict[str, float] = {}
+        image_rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
+        faces = self.analyzer.detect(image_rgb, timings)
+        started = time.perf_counter()
+        update = self.tracker.update(faces)
+        quality = view_quality(frame.image, faces)
+        self.smoother.observe(update.track_ids, quality, frame.index, t_ms)
+        ended = self.smoother.end(update.ended)
+        wanted = self.smoother.needs_estimate(
+            update.track_ids, update.confirmed, quality, frame.index
+        )
+        timings["track"] = (time.perf_counter() - started) * 1000
+        estimates = self.analyzer.estimate(image_rgb, faces[wanted], timings)
+        self.smoother.add_estimates(
+            update.track_ids[wanted], estimates, quality[wanted], frame.index
+        )
+        self.faces_detected += len(faces)
+        self.faces_estimated += int(wanted.sum())
+        result = FrameResult(
+            frame=frame,
+            faces=faces,
+            estimates=_scatter(estimates, wanted),
+            track_ids=update.track_ids,
+            smoothed=self.smoother.smoothed(update.track_ids),
+            estimated=wanted,
+            t_ms=t_ms,
+            timings_ms=timings,
+        )
+        return result, ended
+
+    def skipped(self, frame: Frame, t_ms: float, error: Exception) -> FrameResult:
+        """A frame whose analysis failed: logged, kept without faces so files stay whole."""
+        log.warning("frame %d: analysis skipped: %s", frame.index, error)
+        empty = np.zeros((0,), np.float32)
+        return FrameResult(frame, Faces.empty(), Estimates(empty, empty, empty), t_ms=t_ms)
+
+    def finish(self) -> list[TrackSummary]:
+        """Summaries of the tracks still open at the end of the stream."""
+        return self.smoother.end_all()

@@ -1,0 +1,258 @@
+"""Per-track smoothing of age and gender, weighted by view quality, and the skip policy.
+
+Each estimate counts in proportion to how good the view was (detection score, face
+size, sharpness, frontalness) and how sure the estimator was. Age is a decayed
+weighted mean with a standard error; gender is accumulated log-odds with
+hysteresis, so the label flips only on strong contrary evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stream.config import TrackingConfig
+from stream.types import Estimates, Faces, Smoothed
+
+# Faces this wide (px) or wider count as full size for quality.
+FULL_QUALITY_FACE_PX = 96.0
+# Laplacian variance of a 64 px grey face crop at which sharpness counts as half.
+HALF_SHARPNESS_VARIANCE = 60.0
+# p_male is clipped before the logit so one overconfident frame cannot decide a track.
+P_CLIP = 0.02
+
+
+def sharpness(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+    """(n,) in [0, 1): Laplacian variance of each face box resized to 64 px grey."""
+    height, width = image_bgr.shape[:2]
+    values = np.zeros(len(xyxy), np.float32)
+    for i, (x1, y1, x2, y2) in enumerate(np.round(xyxy).astype(int)):
+        x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+        if x2 - x1 < 4 or y2 - y1 < 4:
+            continue
+        grey = cv2.cvtColor(cv2.resize(image_bgr[y1:y2, x1:x2], (64, 64)), cv2.COLOR_BGR2GRAY)
+        variance = float(cv2.Laplacian(grey, cv2.CV_32F).var())
+        values[i] = variance / (variance + HALF_SHARPNESS_VARIANCE)
+    return values
+
+
+def frontalness(keypoints: np.ndarray) -> np.ndarray:
+    """(n,) in [0, 1]: 1 when the nose projects midway between the eyes, 0 when it projects
+    onto an eye or beyond (a profile view, where estimates are least reliable)."""
+    right_eye, left_eye, nose = keypoints[:, 0], keypoints[:, 1], keypoints[:, 2]
+    eye_axis = left_eye - right_eye
+    along = np.einsum("ij,ij->i", nose - right_eye, eye_axis) / np.maximum(
+        np.einsum("ij,ij->i", eye_axis, eye_axis), 1e-6
+    )
+    return np.clip(1.0 - np.abs(2.0 * along - 1.0), 0.0, 1.0).astype(np.float32)
+
+
+def view_quality(image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
+    """(n,) in [0, 1]: product of detection score, size, sharpness and frontalness."""
+    if len(faces) == 0:
+        return np.zeros(0, np.float32)
+    size = np.minimum(faces.xyxy[:, 2] - faces.xyxy[:, 0], faces.xyxy[:, 3] - faces.xyxy[:, 1])
+    size_factor = np.clip(size / FULL_QUALITY_FACE_PX, 0.0, 1.0)
+    return (
+        faces.score * size_factor * sharpness(image_bgr, faces.xyxy) * frontalness(faces.keypoints)
+    ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TrackSummary:
+    """What the per-track CSV records for one track."""
+
+    track_id: int
+    first_frame: int
+    last_frame: int
+    first_t_ms: float
+    last_t_ms: float
+    frames_seen: int
+    frames_estimated: int
+    age: float
+    age_uncertainty: float
+    gender: str
+    p_male: float
+    mean_quality: float
+
+
+class TrackState:
+    """Evidence accumulated for one track; forgotten when the track ends."""
+
+    def __init__(self, track_id: int, frame: int, t_ms: float, flip_log_odds: float) -> None:
+        self.track_id = track_id
+        self.flip_log_odds = flip_log_odds
+        self.first_frame = self.last_frame = frame
+        self.first_t_ms = self.last_t_ms = t_ms
+        self.frames_seen = 0
+        self.frames_estimated = 0
+        self.quality_sum = 0.0
+        self.best_quality = 0.0
+        self.last_estimated_frame = -1
+        # Decayed sums: age weights, their squares, weighted ages and their squares; gender
+        # weights and the weighted log-odds of male (the gender evidence, which grows with
+        # consistent views).
+        self.w = self.w2 = self.wx = self.wxx = 0.0
+        self.w_gender = self.logit_evidence = 0.0
+        self.is_male: bool | None = None
+
+    def observe(self, frame: int, t_ms: float, quality: float) -> None:
+        self.last_frame, self.last_t_ms = frame, t_ms
+        self.frames_seen += 1
+        self.quality_sum += quality
+
+    def add_estimate(self, age: float, p_male: float, weight: float, decay: float) -> None:
+        """Fold in one estimate; NaN stands for what the estimator does not predict."""
+        self.frames_estimated += 1
+        if math.isfinite(age):
+            self.w = decay * self.w + weight
+            self.w2 = decay**2 * self.w2 + weight**2
+            self.wx = decay * self.wx + weight * age
+            self.wxx = decay * self.wxx + weight * age * age
+        if not math.isfinite(p_male):
+            return
+        p = min(max(p_male, P_CLIP), 1 - P_CLIP)
+        logit = math.log(p / (1 - p))
+        self.w_gender = decay * self.w_gender + weight
+        self.logit_evidence = decay * self.logit_evidence + weight * logit
+        if self.is_male is None:
+            self.is_male = logit >= 0
+        elif self.is_male and self.logit_evidence < -self.flip_log_odds:
+            self.is_male = False
+        elif not self.is_male and self.logit_evidence > self.flip_log_odds:
+            self.is_male = True
+
+    @property
+    def has_estimate(self) -> bool:
+        return self.w > 0 or self.w_gender > 0
+
+    @property
+    def gender_settled(self) -> bool:
+        """Decided gender, or no gender model at all (nothing to wait for)."""
+        return self.w_gender == 0 or abs(self.logit_evidence) >= self.flip_log_odds
+
+    @property
+    def age(self) -> float:
+        return self.wx / self.w if self.w > 0 else math.nan
+
+    @property
+    def age_uncertainty(self) -> float:
+        """Standard error of the weighted mean: spread of the estimates over sqrt(n_eff)."""
+        if self.w <= 0:
+            return math.inf
+        n_eff = self.w * self.w / self.w2
+        if n_eff < 1.5:
+            return math.inf
+        variance = max(self.wxx / self.w - self.age**2, 0.0) * n_eff / (n_eff - 1)
+        return math.sqrt(variance / n_eff)
+
+    @property
+    def p_male(self) -> float:
+        if self.w_gender <= 0:
+            return math.nan
+        return 1.0 / (1.0 + math.exp(-self.logit_evidence / self.w_gender))
+
+    def summary(self) -> TrackSummary:
+        return TrackSummary(
+            track_id=self.track_id,
+            first_frame=self.first_frame,
+            last_frame=self.last_frame,
+            first_t_ms=self.first_t_ms,
+            last_t_ms=self.last_t_ms,
+            frames_seen=self.frames_seen,
+            frames_estimated=self.frames_estimated,
+            age=self.age,
+            age_uncertainty=self.age_uncertainty,
+            gender="" if self.is_male is None else ("male" if self.is_male else "female"),
+            p_male=self.p_male,
+            mean_quality=self.quality_sum / max(self.frames_seen, 1),
+        )
+
+
+class TrackSmoother:
+    """All tracks' smoothing state plus the policy of which faces to estimate.
+
+    Args:
+        settings: the `tracking` config section.
+        fps: source frame rate, to turn the half-life into a per-frame decay.
+    """
+
+    def __init__(self, settings: TrackingConfig, fps: float) -> None:
+        self.settings = settings
+        self._decay = 0.5 ** (1.0 / max(settings.half_life_s * fps, 1.0))
+        self._states: dict[int, TrackState] = {}
+
+    def observe(self, track_ids: np.ndarray, quality: np.ndarray, frame: int, t_ms: float) -> None:
+        for track_id, q in zip(track_ids.tolist(), quality.tolist()):
+            state = self._states.get(track_id)
+            if state is None:
+                state = self._states[track_id] = TrackState(
+                    track_id, frame, t_ms, self.settings.gender_flip_log_odds
+                )
+            state.observe(frame, t_ms, q)
+
+    def needs_estimate(
+        self, track_ids: np.ndarray, confirmed: np.ndarray, quality: np.ndarray, frame: int
+    ) -> np.ndarray:
+        """(n,) bool: estimate new, unconfirmed and unsettled tracks every frame; settled
+        ones every `reestimate_every` frames or when the view beats the best so far."""
+        settings = self.settings
+        wanted = np.ones(len(track_ids), bool)
+        for i, (track_id, q) in enumerate(zip(track_ids.tolist(), quality.tolist())):
+            state = self._states.get(track_id)
+            if state is None or not confirmed[i] or not state.has_estimate:
+                continue
+            age_settled = state.w == 0 or state.age_uncertainty <= settings.settled_age_uncertainty
+            settled = age_settled and state.gender_settled
+            due = frame - state.last_estimated_frame >= settings.reestimate_every
+            better_view = q > state.best_quality * settings.better_view_ratio
+            wanted[i] = not settled or due or better_view
+        return wanted
+
+    def add_estimates(
+        self,
+        track_ids: np.ndarray,
+        estimates: Estimates,
+        quality: np.ndarray,
+        frame: int,
+    ) -> None:
+        """Fold in estimates for the faces that were estimated this frame."""
+        for track_id, age, p_male, age_confidence, q in zip(
+            track_ids.tolist(),
+            estimates.age.tolist(),
+            estimates.p_male.tolist(),
+            estimates.age_confidence.tolist(),
+            quality.tolist(),
+        ):
+            state = self._states[track_id]
+            # The estimator's own confidence scales the view quality; a floor keeps a
+            # hard-to-call face from being ignored entirely.
+            # Regression models give no confidence (NaN): their estimates count at view quality.
+            confidence = age_confidence if math.isfinite(age_confidence) else 0.5
+            weight = max(q, 1e-3) * (0.5 + 0.5 * confidence)
+            state.add_estimate(age, p_male, weight, self._decay)
+            state.last_estimated_frame = frame
+            state.best_quality = max(state.best_quality, q)
+
+    def smoothed(self, track_ids: np.ndarray) -> Smoothed:
+        states = [self._states[track_id] for track_id in track_ids.tolist()]
+        return Smoothed(
+            age=np.array([s.age for s in states], np.float32),
+            age_uncertainty=np.array([s.age_uncertainty for s in states], np.float32),
+            p_male=np.array([s.p_male for s in states], np.float32),
+            is_male=np.array([bool(s.is_male) for s in states], bool),
+        )
+
+    def end(self, track_ids: tuple[int, ...] | list[int]) -> list[TrackSummary]:
+        """Forget ended tracks, returning their final summaries."""
+        return [
+            self._states.pop(track_id).summary()
+            for track_id in track_ids
+            if track_id in self._states
+        ]
+
+    def end_all(self) -> list[TrackSummary]:
+        return self.end(list(self._states))

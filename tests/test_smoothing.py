@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from stream.config import TrackingConfig
+from stream.smoothing import TrackSmoother, frontalness, sharpness, view_quality
+from stream.types import Estimates, Faces
+from tests.conftest import VIDEOS, require
+
+ONE = np.array([1])
+
+
+def estimates(age: float, p_male: float, confidence: float = 0.2) -> Estimates:
+    return Estimates(
+        age=np.array([age], np.float32),
+        p_male=np.array([p_male], np.float32),
+        age_confidence=np.array([confidence], np.float32),
+    )
+
+
+def feed(smoother: TrackSmoother, values: list[tuple[float, float]], quality: float = 0.8) -> None:
+    for frame, (age, p_male) in enumerate(values):
+        q = np.array([quality], np.float32)
+        smoother.observe(ONE, q, frame, frame * 33.3)
+        smoother.add_estimates(ONE, estimates(age, p_male), q, frame)
+
+
+def test_given_a_confident_female_track_then_one_male_frame_does_not_flip_the_label() -> None:
+    smoother = TrackSmoother(TrackingConfig(), fps=30)
+    feed(smoother, [(30, 0.1)] * 10 + [(30, 0.99)])
+    assert not smoother.smoothed(ONE).is_male[0]
+
+
+def test_given_sustained_contrary_evidence_then_the_label_flips() -> None:
+    smoother = TrackSmoother(TrackingConfig(), fps=30)
+    feed(smoother, [(30, 0.1)] * 5)
+    flipped_at = None
+    for frame in range(5, 60):
+        feed_frame = [(30, 0.97)]
+        q = np.array([0.8], np.float32)
+        smoother.observe(ONE, q, frame, frame * 33.3)
+        smoother.add_estimates(ONE, estimates(*feed_frame[0]), q, frame)
+        if smoother.smoothed(ONE).is_male[0]:
+            flipped_at = frame
+            break
+    assert flipped_at is not None and flipped_at > 6, "needs more than one frame of evidence"
+
+
+def test_given_noisy_ages_then_smoothed_age_is_their_mean_with_a_shrinking_uncertainty() -> None:
+    smoother = TrackSmoother(TrackingConfig(half_life_s=1e6), fps=30)
+    rng = np.random.default_rng(1)
+    ages = 40 + rng.normal(0, 5, 200)
+    feed(smoother, [(a, 0.9) for a in ages[:10]])
+    early = float(smoother.smoothed(ONE).age_uncertainty[0])
+    feed(smoother, [(a, 0.9) for a in ages[10:]])
+    smoothed = smoother.smoothed(ONE)
+    assert smoothed.age[0] == pytest.approx(ages.mean(), abs=0.01)
+    assert smoothed.age_uncertainty[0] == pytest.approx(ages.std() / math.sqrt(200), rel=0.1)
+    assert smoothed.age_uncertainty[0] < early
+
+
+def test_given_one_estimate_then_uncertainty_is_unknown() -> None:
+    smoother = TrackSmoother(TrackingConfig(), fps=30)
+    feed(smoother, [(30, 0.9)])
+    assert math.isinf(smoother.smoothed(ONE).age_uncertainty[0])
+
+
+def test_given_a_good_and_a_poor_view_then_the_good_one_weighs_more() -> None:
+    smoother = TrackSmoother(TrackingConfig(), fps=30)
+    for frame, (age, quality) in enumerate([(20, 0.9), (60, 0.1)]):
+        q = np.array([quality], np.float32)
+        smoother.observe(ONE, q, frame, 0)
+        smoother.add_estimates(ONE, estimates(age, 0.9), q, frame)
+    assert smoother.smoothed(ONE).age[0] == pytest.approx((20 * 0.9 + 60 * 0.1) / 1.0, abs=0.5)
+
+
+def test_given_settled_track_then_it_is_estimated_only_when_due_or_on_a_better_view() -> None:
+    config = TrackingConfig(reestimate_every=10, better_view_ratio=1.25)
+    smoother = TrackSmoother(config, fps=30)
+    feed(smoother, [(30, 0.05)] * 20, quality=0.5)  # frames 0-19, last estimated at 19
+    confirmed = np.array([True])
+    same_view = np.array([0.5], np.float32)
+    assert not smoother.needs_estimate(ONE, confirmed, same_view, 20)[0]
+    assert smoother.needs_estimate(ONE, confirmed, same_view, 29)[0], "due after 10 frames"
+    assert smoother.needs_estimate(ONE, confirmed, np.array([0.7], np.float32), 20)[0]
+    assert smoother.needs_estimate(ONE, np.array([False]), same_view, 20)[0], "unconfirmed"
+    assert smoother.needs_estimate(np.array([2]), confirmed, same_view, 20)[0], "new track"
+
+
+def test_given_a_track_ends_then_its_state_is_reset() -> None:
+    smoother = TrackSmoother(TrackingConfig(), fps=30)
+    feed(smoother, [(70, 0.9)] * 5)
+    (summary,) = smoother.end([1])
+    assert summary.frames_seen == 5 and summary.frames_estimated == 5 and summary.gender == "male"
+    assert smoother.end([1]) == []
+    feed(smoother, [(20, 0.1)])
+    assert smoother.smoothed(ONE).age[0] == pytest.approx(20)
+    assert not smoother.smoothed(ONE).is_male[0]
+
+
+def test_given_sharper_larger_frontal_views_then_quality_is_higher() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (200, 400, 3), dtype=np.uint8)
+    image[:, 200:] = cv2.GaussianBlur(image[:, 200:], (15, 15), 5)
+    boxes = np.array([[20, 20, 120, 120], [220, 20, 320, 120]], np.float32)
+    sharp, blurred = sharpness(image, boxes)
+    assert sharp > 0.8 and blurred < sharp / 2
+    frontal = np.array([[[40, 50], [80, 50], [60, 70], [60, 90], [20, 60], [100, 60]]], np.float32)
+    profile = frontal.copy()
+    profile[0, 2, 0] = 78  # nose next to the left eye: turned away
+    assert frontalness(frontal)[0] > 0.95 and frontalness(profile)[0] < 0.5
+    small = Faces(boxes[:1] / 4, np.array([0.9], np.float32), frontal / 4)
+    large = Faces(boxes[:1], np.array([0.9], np.float32), frontal)
+    assert view_quality(image, large)[0] > view_quality(image, small)[0]
+
+
+def test_given_shared_clip_when_run_with_tracks_then_csv_has_one_row_per_track(
+    tmp_path: Path,
+) -> None:
+    clip = require(VIDEOS / "livePortrait__driving__d3.mp4")
+    tracks = tmp_path / "tracks.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "run", str(clip), "--no-window", "--tracks", str(tracks)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(tracks.open()))
+    assert rows, "the talking head is one track"
+    main = max(rows, key=lambda row: int(row["frames_seen"]))
+    assert int(main["frames_seen"]) >= 0.9 * 354, "one person in view keeps one id"
+    assert int(main["first_frame"]) == 0 and int(main["last_frame"]) >= 350
+    assert 0 < int(main["frames_estimated"]) < int(main["frames_seen"]) / 3, "settled tracks skip"
+    assert 1 <= float(main["age"]) <= 80 and float(main["age_uncertainty"]) < 5
+    assert main["gender"] in ("female", "male")
+    assert (float(main["p_male"]) >= 0.5) == (main["gender"] == "male")
+    assert 0 < float(main["mean_quality"]) <= 1
+    assert float(main["last_t_ms"]) == pytest.approx(int(main["last_frame"]) * 1000 / 30, abs=1)
