@@ -65,6 +65,9 @@ def create_session(
         chosen = ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Spinning worker threads busy-wait between calls; in a pipeline that shares the cores
+    # with decoding, detection and encoding that steals more time than it saves.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)

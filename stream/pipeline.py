@@ -19,18 +19,17 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 from tqdm import tqdm
 
 from detectors import create_detector
 from estimators import create_estimator
 from stream.analyzer import FaceAnalyzer
-from stream.processor import FrameProcessor
-from stream.smoothing import TrackSummary
-from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, make_buffer
+from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
 from stream.config import Config
 from stream.overlay import HudStats, annotate
+from stream.processor import Detected, FrameProcessor
 from stream.sinks import JsonLinesSink, TrackCsvSink, VideoFileSink, WindowSink, frame_record
+from stream.smoothing import TrackSummary
 from stream.sources import CaptureThread, SourceEvent, VideoSource
 from stream.types import Frame, FrameResult, SourceInfo
 
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1
 JOIN_TIMEOUT_S = 2.0
 RESULT_QUEUE_SIZE = 4
+DETECTED_QUEUE_SIZE = 2
 
 
 class RateMeter:
@@ -150,8 +150,44 @@ def has_display() -> bool:
     )
 
 
+class DetectionThread(threading.Thread):
+    """Detects faces one frame ahead of the processing thread.
+
+    Detection is stateless and the costliest step of a frame, so on its own thread it
+    overlaps with tracking, estimation and annotation of the previous frame.
+    """
+
+    def __init__(
+        self,
+        processor: FrameProcessor,
+        frames: FrameBuffer,
+        detected: BlockingBuffer,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="detection", daemon=True)
+        self.processor = processor
+        self.frames = frames
+        self.detected = detected
+        self.stop = stop
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    frame = self.frames.get(timeout=POLL_S)
+                except Empty:
+                    continue
+                if frame is END_OF_STREAM or not self.detected.put(self.processor.detect(frame)):
+                    break
+        except Exception as error:  # re-raised on the main thread
+            self.error = error
+        finally:
+            self.detected.put(END_OF_STREAM)
+
+
 class ProcessingThread(threading.Thread):
-    """Takes frames, processes and annotates them, hands them to the sinks.
+    """Takes detected frames, tracks, estimates and annotates them, hands them to the sinks.
 
     Each item put into `results` is `(result, annotated image, ended track summaries)`;
     the last one before END_OF_STREAM is `(None, None, tracks still open)`.
@@ -160,7 +196,7 @@ class ProcessingThread(threading.Thread):
     def __init__(
         self,
         processor: FrameProcessor,
-        frames,
+        detected: BlockingBuffer,
         results: BlockingBuffer,
         capture: CaptureThread,
         info: SourceInfo,
@@ -168,7 +204,7 @@ class ProcessingThread(threading.Thread):
     ) -> None:
         super().__init__(name="processing", daemon=True)
         self.processor = processor
-        self.frames = frames
+        self.detected = detected
         self.results = results
         self.capture = capture
         self.info = info
@@ -185,12 +221,13 @@ class ProcessingThread(threading.Thread):
         elapsed = time.monotonic() - self.started_at
         return self.capture.frames_read / elapsed if elapsed > 0 else 0.0
 
-    def _process(self, frame: Frame) -> tuple[FrameResult, list[TrackSummary]]:
+    def _process(self, detected: Detected) -> tuple[FrameResult, list[TrackSummary]]:
+        frame = detected.frame
         if self.first_timestamp is None:
             self.first_timestamp = frame.timestamp
         t_ms = media_time_ms(frame, self.info, self.first_timestamp)
         try:
-            return self.processor.process(frame, t_ms)
+            return self.processor.process_detected(detected, t_ms)
         except Exception as error:  # one bad frame must not end the run or lose a file's frame
             self.skipped_frames += 1
             return self.processor.skipped(frame, t_ms, error), []
@@ -199,12 +236,12 @@ class ProcessingThread(threading.Thread):
         try:
             while not self.stop.is_set():
                 try:
-                    frame = self.frames.get(timeout=POLL_S)
+                    detected = self.detected.get(timeout=POLL_S)
                 except Empty:
                     continue
-                if frame is END_OF_STREAM:
+                if detected is END_OF_STREAM:
                     break
-                result, ended = self._process(frame)
+                result, ended = self._process(detected)
                 self.meter.tick(time.monotonic())
                 stats = HudStats(self.meter.rate, self.source_fps(), self.capture.drops)
                 if not self.results.put((result, annotate(result, stats), ended)):
@@ -298,7 +335,10 @@ def run(
         frames = make_buffer(info.is_file, config.source.queue_size, stop)
         results = BlockingBuffer(RESULT_QUEUE_SIZE, stop)
         capture = CaptureThread(source, frames, stop)
-        processing = ProcessingThread(processor, frames, results, capture, info, stop)
+        # Live sources keep latency to one frame in hand at each stage.
+        detected = BlockingBuffer(DETECTED_QUEUE_SIZE if info.is_file else 1, stop)
+        detection = DetectionThread(processor, frames, detected, stop)
+        processing = ProcessingThread(processor, detected, results, capture, info, stop)
         summary.source_id = info.source_id
         total = info.frame_count if info.is_file else None
         if total is not None and output.max_frames is not None:
@@ -310,6 +350,7 @@ def run(
         def finish() -> None:
             stop.set()
             processing.join(JOIN_TIMEOUT_S)
+            detection.join(JOIN_TIMEOUT_S)
             capture.join(JOIN_TIMEOUT_S)
             summary.elapsed_s = time.monotonic() - processing.started_at
             summary.dropped = capture.drops
@@ -329,6 +370,7 @@ def run(
 
         stack.callback(finish)
         capture.start()
+        detection.start()
         processing.start()
 
         def write_events() -> None:
@@ -367,6 +409,6 @@ def run(
                 break
             if output.max_frames is not None and summary.frames >= output.max_frames:
                 break
-        for stage in (processing, capture):
+        for stage in (processing, detection, capture):
             if stage.error is not None:
                 raise stage.error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -15,6 +16,17 @@ from stream.tracking import Tracker
 from stream.types import Estimates, Faces, Frame, FrameResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Detected:
+    """A frame after detection: its RGB image and faces, or the error that stopped it."""
+
+    frame: Frame
+    image_rgb: np.ndarray | None
+    faces: Faces | None
+    timings: dict[str, float]
+    error: Exception | None = None
 
 
 def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
@@ -38,11 +50,23 @@ class FrameProcessor:
         self.faces_detected = 0
         self.faces_estimated = 0
 
-    def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[TrackSummary]]:
-        """The frame's result and the summaries of tracks that ended with it."""
+    def detect(self, frame: Frame) -> Detected:
+        """The stateless first half of `process`; safe to run on another thread, one frame
+        ahead of the stateful second half. A failure is kept for `process_detected`."""
         timings: dict[str, float] = {}
-        image_rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
-        faces = self.analyzer.detect(image_rgb, timings)
+        try:
+            image_rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
+            return Detected(frame, image_rgb, self.analyzer.detect(image_rgb, timings), timings)
+        except Exception as error:
+            return Detected(frame, None, None, timings, error)
+
+    def process_detected(
+        self, detected: Detected, t_ms: float
+    ) -> tuple[FrameResult, list[TrackSummary]]:
+        """Track, estimate the faces that need it, smooth. Raises the detection's error."""
+        if detected.error is not None:
+            raise detected.error
+        frame, faces, timings = detected.frame, detected.faces, dict(detected.timings)
         started = time.perf_counter()
         update = self.tracker.update(faces)
         quality = view_quality(frame.image, faces)
@@ -52,7 +76,7 @@ class FrameProcessor:
             update.track_ids, update.confirmed, quality, frame.index
         )
         timings["track"] = (time.perf_counter() - started) * 1000
-        estimates = self.analyzer.estimate(image_rgb, faces[wanted], timings)
+        estimates = self.analyzer.estimate(detected.image_rgb, faces[wanted], timings)
         self.smoother.add_estimates(
             update.track_ids[wanted], estimates, quality[wanted], frame.index
         )
@@ -69,6 +93,10 @@ class FrameProcessor:
             timings_ms=timings,
         )
         return result, ended
+
+    def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[TrackSummary]]:
+        """The frame's result and the summaries of tracks that ended with it."""
+        return self.process_detected(self.detect(frame), t_ms)
 
     def skipped(self, frame: Frame, t_ms: float, error: Exception) -> FrameResult:
         """A frame whose analysis failed: logged, kept without faces so files stay whole."""
