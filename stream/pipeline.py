@@ -8,6 +8,7 @@ the end of each buffer, so no stage can wait forever on another.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -151,10 +152,11 @@ def has_display() -> bool:
 
 
 class DetectionThread(threading.Thread):
-    """Detects faces one frame ahead of the processing thread.
+    """Detects faces one frame ahead of the processing thread, for file sources.
 
     Detection is stateless and the costliest step of a frame, so on its own thread it
-    overlaps with tracking, estimation and annotation of the previous frame.
+    overlaps with tracking, estimation and annotation of the previous frame. Live sources
+    do without it: a second hand-off would add a second waiting frame, and latency.
     """
 
     def __init__(
@@ -187,7 +189,8 @@ class DetectionThread(threading.Thread):
 
 
 class ProcessingThread(threading.Thread):
-    """Takes detected frames, tracks, estimates and annotates them, hands them to the sinks.
+    """Takes frames (detecting them itself) or detected frames from the detection thread;
+    tracks, estimates and annotates them, hands them to the sinks.
 
     Each item put into `results` is `(result, annotated image, ended track summaries)`;
     the last one before END_OF_STREAM is `(None, None, tracks still open)`.
@@ -196,7 +199,7 @@ class ProcessingThread(threading.Thread):
     def __init__(
         self,
         processor: FrameProcessor,
-        detected: BlockingBuffer,
+        inputs: FrameBuffer,
         results: BlockingBuffer,
         capture: CaptureThread,
         info: SourceInfo,
@@ -204,7 +207,7 @@ class ProcessingThread(threading.Thread):
     ) -> None:
         super().__init__(name="processing", daemon=True)
         self.processor = processor
-        self.detected = detected
+        self.inputs = inputs
         self.results = results
         self.capture = capture
         self.info = info
@@ -236,11 +239,12 @@ class ProcessingThread(threading.Thread):
         try:
             while not self.stop.is_set():
                 try:
-                    detected = self.detected.get(timeout=POLL_S)
+                    item = self.inputs.get(timeout=POLL_S)
                 except Empty:
                     continue
-                if detected is END_OF_STREAM:
+                if item is END_OF_STREAM:
                     break
+                detected = item if isinstance(item, Detected) else self.processor.detect(item)
                 result, ended = self._process(detected)
                 self.meter.tick(time.monotonic())
                 stats = HudStats(self.meter.rate, self.source_fps(), self.capture.drops)
@@ -335,10 +339,12 @@ def run(
         frames = make_buffer(info.is_file, config.source.queue_size, stop)
         results = BlockingBuffer(RESULT_QUEUE_SIZE, stop)
         capture = CaptureThread(source, frames, stop)
-        # Live sources keep latency to one frame in hand at each stage.
-        detected = BlockingBuffer(DETECTED_QUEUE_SIZE if info.is_file else 1, stop)
-        detection = DetectionThread(processor, frames, detected, stop)
-        processing = ProcessingThread(processor, detected, results, capture, info, stop)
+        detection, processing_inputs = None, frames
+        if info.is_file:
+            processing_inputs = BlockingBuffer(DETECTED_QUEUE_SIZE, stop)
+            detection = DetectionThread(processor, frames, processing_inputs, stop)
+        processing = ProcessingThread(processor, processing_inputs, results, capture, info, stop)
+        stages = [stage for stage in (capture, detection, processing) if stage is not None]
         summary.source_id = info.source_id
         total = info.frame_count if info.is_file else None
         if total is not None and output.max_frames is not None:
@@ -349,9 +355,8 @@ def run(
 
         def finish() -> None:
             stop.set()
-            processing.join(JOIN_TIMEOUT_S)
-            detection.join(JOIN_TIMEOUT_S)
-            capture.join(JOIN_TIMEOUT_S)
+            for stage in reversed(stages):
+                stage.join(JOIN_TIMEOUT_S)
             summary.elapsed_s = time.monotonic() - processing.started_at
             summary.dropped = capture.drops
             summary.reconnects = source.reconnects
@@ -369,9 +374,11 @@ def run(
                     summary.outputs.append(f"{sink.path} ({count} {unit})")
 
         stack.callback(finish)
-        capture.start()
-        detection.start()
-        processing.start()
+        # Everything loaded so far (frameworks, models) lives for the whole run: keep it out of
+        # the garbage collector's full passes, which otherwise rescan it again and again.
+        gc.freeze()
+        for stage in stages:
+            stage.start()
 
         def write_events() -> None:
             while events:
@@ -409,6 +416,6 @@ def run(
                 break
             if output.max_frames is not None and summary.frames >= output.max_frames:
                 break
-        for stage in (processing, detection, capture):
+        for stage in reversed(stages):
             if stage.error is not None:
                 raise stage.error
