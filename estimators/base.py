@@ -140,6 +140,18 @@ def load_failure(what: str, model: str | Path, error: BaseException) -> ModelLoa
     )
 
 
+def required_model_file(name: str, model: str | None, kinds: str, framework: str) -> Path:
+    """The existing file `estimator.model` names, for estimators without default weights."""
+    if model is None:
+        raise ModelLoadError(
+            f"{name} has no default weights; set estimator.model to your {kinds} file"
+        )
+    path = Path(model)
+    if not path.is_file():
+        raise ModelLoadError(f"{framework} model file not found: {path}; check estimator.model")
+    return path
+
+
 def nan_column(n: int) -> np.ndarray:
     return np.full((n,), np.nan, np.float32)
 

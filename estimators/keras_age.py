@@ -18,6 +18,7 @@ from .base import (
     ModelLoadError,
     load_failure,
     regression_estimates,
+    required_model_file,
 )
 
 INPUT_SIZE = 256
@@ -47,14 +48,7 @@ class KerasResNet50:
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"bias_correction": True, "margin": 1.4})
-        if settings.model is None:
-            raise ModelLoadError(
-                "keras-resnet50 has no default weights; set estimator.model to your .keras or "
-                ".h5 file"
-            )
-        path = Path(settings.model)
-        if not path.is_file():
-            raise ModelLoadError(f"Keras model file not found: {path}; check estimator.model")
+        path = required_model_file(self.name, settings.model, ".keras or .h5", "Keras")
         try:
             self._model = keras.models.load_model(path, compile=False)
         except Exception as error:  # Keras raises many types for a file it cannot read

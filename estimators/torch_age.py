@@ -26,6 +26,7 @@ from .base import (
     ModelLoadError,
     load_failure,
     regression_estimates,
+    required_model_file,
 )
 
 INPUT_SIZE = 128
@@ -155,14 +156,9 @@ class TorchResNet50:
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"margin": 1.4})
-        if settings.model is None:
-            raise ModelLoadError(
-                "torch-resnet50 has no default weights; set estimator.model to your state_dict "
-                "or TorchScript file"
-            )
-        path = Path(settings.model)
-        if not path.is_file():
-            raise ModelLoadError(f"PyTorch model file not found: {path}; check estimator.model")
+        path = required_model_file(
+            self.name, settings.model, "state_dict or TorchScript", "PyTorch"
+        )
         try:
             self._model = load_regressor(path).eval()
             with torch.inference_mode():

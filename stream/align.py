@@ -162,12 +162,12 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.zeros(x.shape + (3,), np.uint8)
     if not inside.any():
         return out
-    l, t = left[inside], top[inside]
-    fx = (x[inside] - l)[:, None]
-    fy = (y[inside] - t)[:, None]
+    x0, y0 = left[inside], top[inside]
+    fx = (x[inside] - x0)[:, None]
+    fy = (y[inside] - y0)[:, None]
     img = image.astype(np.float64)
-    value = (1 - fy) * ((1 - fx) * img[t, l] + fx * img[t, l + 1]) + fy * (
-        (1 - fx) * img[t + 1, l] + fx * img[t + 1, l + 1]
+    value = (1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1]) + fy * (
+        (1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]
     )
     out[inside] = value.astype(np.uint8)
     return out

@@ -167,9 +167,8 @@ def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(config: Config, args: argparse.Namespace) -> int:
-    from stream.models import fetch_missing, format_models_table, list_models
-
     from estimators import estimator_rows, format_estimator_rows
+    from stream.models import fetch_missing, format_models_table, list_models
 
     if args.fetch:
         fetch_missing(config.models_dir)

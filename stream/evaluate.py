@@ -199,7 +199,8 @@ def format_report(report: dict) -> str:
         f"images {report['n']}, detected {report['detected']}, missed {len(report['missed'])}",
         "",
         f"{'':28} {'n':>5} {'age MAE':>8} {'gender acc':>10}",
-        f"{'agestream':28} {report['detected']:>5} {report['age_mae']:>8.2f} {report['gender_acc']:>10.1%}",
+        f"{'agestream':28} {report['detected']:>5} {report['age_mae']:>8.2f}"
+        f" {report['gender_acc']:>10.1%}",
     ]
     reference = report.get("reference")
     if reference:
@@ -209,7 +210,8 @@ def format_report(report: dict) -> str:
         )
         lines.append(
             f"{'  same, on faces we detect':28} {report['detected']:>5}"
-            f" {reference['age_mae_on_detected']:>8.2f} {reference['gender_acc_on_detected']:>10.1%}"
+            f" {reference['age_mae_on_detected']:>8.2f}"
+            f" {reference['gender_acc_on_detected']:>10.1%}"
         )
     lines += ["", f"{'age group':10} {'n':>5} {'age MAE':>8} {'gender acc':>10}"]
     for row in report["groups"]:

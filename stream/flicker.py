@@ -132,13 +132,14 @@ def format_flicker(report: dict) -> str:
     lines = [
         f"{report['file']}: {report['tracks']} track IDs, {report['short_tracks']} shorter than "
         f"{SHORT_TRACK_S:.0f} s, {report['track_seconds']:.1f} track-seconds",
-        f"{'track':>5} {'frames':>6} {'s':>6} {'age raw':>8} {'age sm':>7} {'sex raw':>8} {'sex sm':>7}",
+        f"{'track':>5} {'frames':>6} {'s':>6} {'age raw':>8} {'age sm':>7}"
+        f" {'sex raw':>8} {'sex sm':>7}",
     ]
     for row in report["per_track"]:
         lines.append(
-            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>6.1f} {row['age_changes_raw']:>8}"
-            f" {row['age_changes_smoothed']:>7} {row['gender_changes_raw']:>8}"
-            f" {row['gender_changes_smoothed']:>7}"
+            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>6.1f}"
+            f" {row['age_changes_raw']:>8} {row['age_changes_smoothed']:>7}"
+            f" {row['gender_changes_raw']:>8} {row['gender_changes_smoothed']:>7}"
         )
     lines.append(
         f"changes per track-second: age group raw {age['raw']:.3f}, smoothed {age['smoothed']:.3f};"

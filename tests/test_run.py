@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from tests.conftest import HAMILTON, require
+from tests.conftest import HAMILTON, decoded_frame_count, require
 
 
 def agestream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -22,15 +22,6 @@ def agestream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[s
     )
 
 
-def frame_count(path: Path) -> int:
-    capture = cv2.VideoCapture(str(path))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    capture.release()
-    return count
-
-
 def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_faces(
     tmp_path: Path,
 ) -> None:
@@ -40,8 +31,8 @@ def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_fa
         "run", str(clip), "--no-window", "--output", str(video), "--json", str(records)
     )
     assert done.returncode == 0, done.stderr
-    source_frames = frame_count(clip)
-    assert frame_count(video) == source_frames
+    source_frames = decoded_frame_count(clip)
+    assert decoded_frame_count(video) == source_frames
     capture = cv2.VideoCapture(str(video))
     assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (
         640,

@@ -11,10 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import pytest
 
-from tests.conftest import HAMILTON, require
+from tests.conftest import HAMILTON, decoded_frame_count, require
 
 # Within 2 s of the signal the summary is printed (all outputs finalized) and the process
 # has exited. (mediapipe would import TensorFlow, whose teardown alone takes ~1.5 s; the
@@ -60,15 +59,6 @@ def wait_for_lines(path: Path, count: int, timeout_s: float = 90.0) -> None:
         time.sleep(0.02)
 
 
-def decoded_frames(path: Path) -> int:
-    capture = cv2.VideoCapture(str(path))
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    capture.release()
-    return count
-
-
 def _file_source(tmp_path: Path) -> str:
     return str(require(HAMILTON))
 
@@ -110,4 +100,4 @@ def test_given_running_pipeline_when_signalled_then_stops_fast_with_whole_output
     assert "(interrupted)" in stopped.stderr
     assert f"{len(records)} frames in " in stopped.stderr
     assert len(records) >= 1 and all("frame" in record for record in records)
-    assert decoded_frames(video) == len(records)
+    assert decoded_frame_count(video) == len(records)
