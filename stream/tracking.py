@@ -121,6 +121,3 @@ class Tracker:
                 self._next_id += 1
         self._tracks = survivors
         return TrackUpdate(ids, confirmed, tuple(ended))
-
-    def active_ids(self) -> tuple[int, ...]:
-        return tuple(track.track_id for track in self._tracks)

@@ -120,10 +120,6 @@ class Estimates:
     def __len__(self) -> int:
         return len(self.age)
 
-    @property
-    def gender_confidence(self) -> np.ndarray:
-        return np.maximum(self.p_male, 1.0 - self.p_male)
-
 
 @dataclass(frozen=True)
 class Smoothed:
