@@ -64,11 +64,13 @@ class FaceAnalyzer:
         self.detector = detector
         self.estimator = estimator
 
-    def detect(self, image_rgb: np.ndarray, timings: dict[str, float]) -> Faces:
+    def detect(self, image_bgr: np.ndarray, timings: dict[str, float]) -> tuple[np.ndarray, Faces]:
+        """The frame as RGB (what detector and estimators take) and its faces."""
         started = time.perf_counter()
+        image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
         faces = self.detector.detect(image_rgb)
         timings["detect"] = (time.perf_counter() - started) * 1000
-        return faces
+        return image_rgb, faces
 
     def estimate(self, image_rgb: np.ndarray, faces: Faces, timings: dict[str, float]) -> Estimates:
         """Estimates for `faces`, in one batched call per model."""
@@ -83,6 +85,5 @@ class FaceAnalyzer:
     def analyze(self, image_bgr: np.ndarray) -> tuple[Faces, Estimates, dict[str, float]]:
         """Returns the faces, their estimates and per-stage timings in milliseconds."""
         timings: dict[str, float] = {}
-        image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        faces = self.detect(image_rgb, timings)
+        image_rgb, faces = self.detect(image_bgr, timings)
         return faces, self.estimate(image_rgb, faces, timings), timings

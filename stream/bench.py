@@ -111,8 +111,7 @@ def naive_loop(config: Config, source: str, max_frames: int | None, output: Path
                     break
                 stages["decode"].append((time.perf_counter() - at) * 1000)
                 timings: dict[str, float] = {}
-                image_rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-                faces = analyzer.detect(image_rgb, timings)
+                image_rgb, faces = analyzer.detect(image, timings)
                 stages["detect"].append(timings["detect"])
                 per_face = []
                 for i in range(len(faces)):

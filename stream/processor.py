@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from stream.analyzer import FaceAnalyzer
@@ -47,7 +46,6 @@ class FrameProcessor:
         self.analyzer = analyzer
         self.tracker = Tracker(fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits)
         self.smoother = TrackSmoother(tracking, fps)
-        self.faces_detected = 0
         self.faces_estimated = 0
 
     def detect(self, frame: Frame) -> Detected:
@@ -55,8 +53,8 @@ class FrameProcessor:
         ahead of the stateful second half. A failure is kept for `process_detected`."""
         timings: dict[str, float] = {}
         try:
-            image_rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
-            return Detected(frame, image_rgb, self.analyzer.detect(image_rgb, timings), timings)
+            image_rgb, faces = self.analyzer.detect(frame.image, timings)
+            return Detected(frame, image_rgb, faces, timings)
         except Exception as error:
             return Detected(frame, None, None, timings, error)
 
@@ -80,7 +78,6 @@ class FrameProcessor:
         self.smoother.add_estimates(
             update.track_ids[wanted], estimates, quality[wanted], frame.index
         )
-        self.faces_detected += len(faces)
         self.faces_estimated += int(wanted.sum())
         result = FrameResult(
             frame=frame,
