@@ -265,6 +265,9 @@ class VideoSource:
                         os.environ.pop(FFMPEG_OPTIONS_ENV, None)
                     else:
                         os.environ[FFMPEG_OPTIONS_ENV] = saved
+        elif self.spec.kind == "file":
+            # FFmpeg's frame threads cost more CPU than they save: the stages are the parallelism.
+            capture = cv2.VideoCapture(self.spec.target, cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
         else:
             capture = cv2.VideoCapture(self.spec.target)
         hint = _OPEN_HINTS[self.spec.kind]

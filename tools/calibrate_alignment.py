@@ -172,7 +172,8 @@ def main() -> None:
         geometry.append(dlib_geometry(dlib.get_face_chip_details(shape, 64, 0.2)))
     n = len(crops)
     print(
-        f"images {len(files)}, detected {n}, missed {misses} ({args.model} range, {args.border} border, scale {args.scale})"
+        f"images {len(files)}, detected {n}, missed {misses} "
+        f"({args.model} range, {args.border} border, scale {args.scale})"
     )
     keypoints_arr = np.array(keypoints, np.float32)
 
@@ -184,11 +185,13 @@ def main() -> None:
         med = np.median(normalised[:, i], axis=0)
         sig = 1.4826 * np.median(np.abs(normalised[:, i] - med), axis=0)
         print(
-            f"  {i} {name:10s} median ({med[0]:.4f}, {med[1]:.4f})  sigma ({sig[0]:.4f}, {sig[1]:.4f})"
+            f"  {i} {name:10s} median ({med[0]:.4f}, {med[1]:.4f})"
+            f"  sigma ({sig[0]:.4f}, {sig[1]:.4f})"
         )
 
     print(
-        "\nkeypoint subset -> mean corner displacement vs dlib (64-px chip pixels, mean / median / p90):"
+        "\nkeypoint subset -> mean corner displacement vs dlib"
+        " (64-px chip pixels, mean / median / p90):"
     )
     best_subset, best_err = None, np.inf
     for name, subset in SUBSETS.items():
@@ -196,7 +199,8 @@ def main() -> None:
         align.TEMPLATE = np.array([robust_mean(normalised[:, i]) for i in subset])
         errs = np.array([corner_error(k, *g) for k, g in zip(keypoints_arr, geometry)])
         print(
-            f"  {name:16s} {errs.mean():.3f} / {np.median(errs):.3f} / {np.percentile(errs, 90):.3f}"
+            f"  {name:16s} {errs.mean():.3f} / {np.median(errs):.3f}"
+            f" / {np.percentile(errs, 90):.3f}"
         )
         if errs.mean() < best_err:
             best_subset, best_err = subset, errs.mean()
@@ -234,27 +238,37 @@ def main() -> None:
     true_ages = np.array([a for a, _ in labels], np.float64)
     true_genders = [g for _, g in labels]
 
+    def agreement(a: list, b: list) -> float:
+        return float(np.mean([x == y for x, y in zip(a, b)]))
+
     errs = np.array([corner_error(k, *g) for k, g in zip(keypoints_arr, geometry)])
     print(
-        f"\nchip corner displacement vs dlib (64-px chip px): mean {errs.mean():.3f}, median {np.median(errs):.3f}, p90 {np.percentile(errs, 90):.3f}"
+        f"\nchip corner displacement vs dlib (64-px chip px): mean {errs.mean():.3f},"
+        f" median {np.median(errs):.3f}, p90 {np.percentile(errs, 90):.3f}"
     )
     for size in (64, 32):
         d = np.array(diffs[size])
         print(
-            f"mean |pixel diff| {size}px chips (0-255): mean {d.mean():.2f}, median {np.median(d):.2f}, p90 {np.percentile(d, 90):.2f}"
+            f"mean |pixel diff| {size}px chips (0-255): mean {d.mean():.2f},"
+            f" median {np.median(d):.2f}, p90 {np.percentile(d, 90):.2f}"
         )
     print(
-        f"sanity: our ONNX run on dlib chips vs predict_face: age exact {np.mean(ref_ages == pkg_ages_arr):.1%}, gender exact {np.mean([a == b for a, b in zip(ref_genders, pkg_genders)]):.1%}"
+        "sanity: our ONNX run on dlib chips vs predict_face:"
+        f" age exact {np.mean(ref_ages == pkg_ages_arr):.1%},"
+        f" gender exact {agreement(ref_genders, pkg_genders):.1%}"
     )
     print(
-        f"\nours vs predict_face: mean |age diff| {np.abs(our_ages - pkg_ages_arr).mean():.2f} y, gender agreement {np.mean([a == b for a, b in zip(our_genders, pkg_genders)]):.1%}"
+        f"\nours vs predict_face: mean |age diff| {np.abs(our_ages - pkg_ages_arr).mean():.2f} y,"
+        f" gender agreement {agreement(our_genders, pkg_genders):.1%}"
     )
-    print(
-        f"ours:        age MAE {np.abs(our_ages - true_ages).mean():.2f} y, gender accuracy {np.mean([a == b for a, b in zip(our_genders, true_genders)]):.1%}"
-    )
-    print(
-        f"predict_face: age MAE {np.abs(pkg_ages_arr - true_ages).mean():.2f} y, gender accuracy {np.mean([a == b for a, b in zip(pkg_genders, true_genders)]):.1%}"
-    )
+    for name, ages, genders in (
+        ("ours:       ", our_ages, our_genders),
+        ("predict_face:", pkg_ages_arr, pkg_genders),
+    ):
+        print(
+            f"{name} age MAE {np.abs(ages - true_ages).mean():.2f} y,"
+            f" gender accuracy {agreement(genders, true_genders):.1%}"
+        )
 
 
 if __name__ == "__main__":
