@@ -108,7 +108,7 @@ def decode_only(source: str, max_frames: int | None) -> dict:
     return {"frames": frames, "fps": round(frames / elapsed, 2)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoopRun:
     """One run of the naive loop or of the pipeline on the file."""
 
@@ -137,8 +137,6 @@ def naive_loop(config: Config, source: str, max_frames: int | None, output: Path
     # The loop as a user would write it: OpenCV as it comes, with its own thread pool and
     # FFmpeg's decoding threads, none of the pipeline's tuning for sharing the cores.
     capture = cv2.VideoCapture(source)
-    opencv_threads = cv2.getNumThreads()
-    cv2.setNumThreads(-1)  # OpenCV's default
     try:
         with (
             create_detector(config.detector, info.width, config.models_dir) as detector,
@@ -181,7 +179,6 @@ def naive_loop(config: Config, source: str, max_frames: int | None, output: Path
                 frames += 1
     finally:
         capture.release()
-        cv2.setNumThreads(opencv_threads)
     return LoopRun(frames, *steady_rates(done_at, cpu_at), decoded_frames(output), stages)
 
 

@@ -211,11 +211,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import cv2
-
-    # The pipeline's stages are its parallelism; OpenCV's own worker pool would only
-    # oversubscribe the cores they already keep busy.
-    cv2.setNumThreads(1)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

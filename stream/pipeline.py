@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+import cv2
 from tqdm import tqdm
 
 from detectors import create_detector
@@ -303,6 +304,10 @@ def run(
     source_spec.on_event = events.append
     stop = source_spec.stop_event
     with ExitStack() as stack:
+        # The stages are the parallelism; OpenCV's own worker pool would only oversubscribe
+        # the cores they already keep busy. Restored when the run ends.
+        stack.callback(cv2.setNumThreads, cv2.getNumThreads())
+        cv2.setNumThreads(1)
         source = stack.enter_context(source_spec.open())
         info = source.info
         log.info(

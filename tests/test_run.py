@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+from stream.config import Config
+from stream.pipeline import RunSummary, run
 from tests.conftest import HAMILTON, decoded_frame_count, require
 
 
@@ -73,6 +76,26 @@ def test_given_max_frames_when_run_then_it_stops_there(tmp_path: Path) -> None:
     done = agestream("run", str(clip), "--no-window", "--max-frames", "12", "--json", str(records))
     assert done.returncode == 0, done.stderr
     assert len(records.read_text().splitlines()) == 12
+
+
+def test_given_a_run_then_opencv_runs_single_threaded_during_it_and_as_before_after() -> None:
+    clip = require(HAMILTON)
+    config = Config()
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, window=False, max_frames=5)
+    )
+    before = cv2.getNumThreads()
+    during: list[int] = []
+
+    run(
+        config,
+        str(clip),
+        RunSummary(source_id=str(clip)),
+        on_result=lambda *_: during.append(cv2.getNumThreads()),
+    )
+
+    assert during == [1] * 5, "the stages are the parallelism"
+    assert cv2.getNumThreads() == before
 
 
 def _corrupt(tmp_path: Path) -> str:
