@@ -53,6 +53,14 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
     info.name: info
     for info in (
         EstimatorInfo(
+            "genderage",
+            "estimators.onnx_genderage:GenderAge",
+            (AGE, GENDER),
+            "agestream's own MobileNetV2 GenderAge ONNX, shipped in this package (trained on "
+            "UTKFace + All-Age-Faces: non-commercial research use)",
+            ("onnxruntime",),
+        ),
+        EstimatorInfo(
             "onnx-genderage",
             "estimators.onnx_genderage:OnnxGenderAge",
             (AGE, GENDER),
@@ -94,6 +102,11 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         ),
     )
 }
+
+
+def estimator_names() -> list[str]:
+    """Every registered estimator's name, sorted."""
+    return sorted(ESTIMATORS)
 
 
 def _info(name: str, where: str) -> EstimatorInfo:
@@ -200,6 +213,7 @@ __all__ = [
     "MissingExtraError",
     "ModelLoadError",
     "create_estimator",
+    "estimator_names",
     "estimator_rows",
     "format_estimator_rows",
     "load_estimator",

@@ -34,17 +34,22 @@ class CropSpec:
     Attributes:
         size: side of the square crop in pixels.
         align: "chip" for the dlib-framed aligned chip of stream/align.py (from the
-            keypoints), "box" for an upright square centred on the detector box.
-        margin: for "box", the crop side as a multiple of the box's longer side.
+            keypoints, dlib's pixels replayed), "warp" for the same framing by one fast
+            affine warp (widened by `margin`), "box" for an upright square centred on the
+            detector box.
+        margin: for "box", the crop side as a multiple of the box's longer side; for
+            "warp", how many times wider than dlib's framing; unused by "chip".
     """
 
     size: int
-    align: Literal["chip", "box"] = "chip"
+    align: Literal["chip", "warp", "box"] = "chip"
     margin: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.align not in ("chip", "box"):
-            raise ValueError(f"CropSpec.align must be 'chip' or 'box', but got {self.align!r}")
+        if self.align not in ("chip", "warp", "box"):
+            raise ValueError(
+                f"CropSpec.align must be 'chip', 'warp' or 'box', but got {self.align!r}"
+            )
         if self.size < 2:
             raise ValueError(f"CropSpec.size must be >= 2, but got {self.size}")
         if self.margin <= 0:

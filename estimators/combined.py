@@ -24,6 +24,7 @@ def combine(age: Estimates, gender: Estimates) -> Estimates:
         age_groups=age.age_groups,
         age_group_labels=age.age_group_labels,
         age_raw=age.age_raw,
+        age_std=age.age_std,
     )
 
 

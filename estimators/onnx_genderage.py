@@ -1,4 +1,5 @@
-"""ONNX age+gender networks: the Cydral pair (default) and single-file GenderAge contracts.
+"""ONNX age+gender networks: agestream's own GenderAge (default), the Cydral pair and other
+single-file GenderAge contracts.
 
 Contracts:
     cydral: the dlib Cydral age (64 px chip, 81 classes) and gender (32 px chip)
@@ -8,7 +9,9 @@ Contracts:
     insightface: InsightFace's genderage.onnx, input (N, 3, 96, 96) RGB in 0..255
         (its graph normalizes), output (N, 3) as above; box-centred crop x1.5, as
         InsightFace cuts it.
-A file given as `model` picks its contract from its input size unless `contract` says.
+A file given as `model` picks its contract from its input size unless `contract` says;
+a file trained by `agestream train` also declares its crop in its metadata (`agestream.crop`)
+and has a second output, `age_probs` (N, bins), the age distribution over 0, 1, ... years.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from .base import (
 log = logging.getLogger(__name__)
 
 CONTRACTS = ("auto", "cydral", "genderage-112", "insightface")
+# agestream's own trained network (stream.models), and the name of its age-distribution output.
+OWN_MODEL = "genderage-mobilenet"
+AGE_DISTRIBUTION_OUTPUT = "age_probs"
 
 # Single-file contracts: input size -> (contract, default box margin, input scale).
 # InsightFace's graph subtracts its own mean, so it takes raw 0..255 pixels.
@@ -107,7 +113,7 @@ class OnnxGenderAge:
                 "set estimator.model"
             )
         else:
-            self._model = _SingleFile(settings, contract, options["margin"])
+            self._model = _SingleFile(Path(settings.model), settings, contract, options["margin"])
         self.contract = self._model.contract
         self.crops = self._model.crops
 
@@ -157,54 +163,106 @@ class _Cydral:
         return decode(age, gender, self._age_weights, self._male_column)
 
 
-class _SingleFile:
-    """One network with output (N, 3): female, male logits and age / 100."""
+def _metadata_crop(session: ort.InferenceSession) -> CropSpec | None:
+    """The crop an agestream-trained file declares in its metadata, if it does."""
+    declared = session.get_modelmeta().custom_metadata_map.get("agestream.crop")
+    if declared is None:
+        return None
+    fields = json.loads(declared)
+    return CropSpec(int(fields["size"]), fields["align"], float(fields["margin"]))
 
-    def __init__(self, settings: EstimatorSettings, contract: str, margin: float | None) -> None:
-        path = Path(settings.model or "")
+
+def _contract_of(path: Path, shape: list, contract: str) -> str:
+    size = shape[2] if len(shape) == 4 and shape[2] == shape[3] else None
+    if contract == "auto":
+        if size not in SINGLE_FILE:
+            raise ModelLoadError(
+                f"cannot tell the contract of {path} from its input shape {shape}; expected "
+                "(N, 3, 112, 112) or (N, 3, 96, 96), or set "
+                "estimator.options.onnx-genderage.contract"
+            )
+        contract = SINGLE_FILE[size][0]
+    want = next(s for s, (name, _, _) in SINGLE_FILE.items() if name == contract)
+    if isinstance(size, int) and size != want:
+        raise ModelLoadError(
+            f"{path}: contract {contract} needs input (N, 3, {want}, {want}), "
+            f"but the model takes {shape}"
+        )
+    return contract
+
+
+class _SingleFile:
+    """One network whose first output is (N, 3): female, male logits and age / 100; files
+    trained by `agestream train` also declare their crop and give the age distribution."""
+
+    def __init__(
+        self, path: Path, settings: EstimatorSettings, contract: str, margin: float | None
+    ) -> None:
         if not path.is_file():
             raise ModelLoadError(f"ONNX model file not found: {path}; check estimator.model")
         self._session = create_session(path, settings.providers, settings.threads)
-        shape = self._session.get_inputs()[0].shape
-        size = shape[2] if len(shape) == 4 and shape[2] == shape[3] else None
-        if contract == "auto":
-            if size not in SINGLE_FILE:
-                raise ModelLoadError(
-                    f"cannot tell the contract of {path} from its input shape {shape}; expected "
-                    "(N, 3, 112, 112) or (N, 3, 96, 96), or set "
-                    "estimator.options.onnx-genderage.contract"
-                )
-            contract = SINGLE_FILE[size][0]
-        want = next(s for s, (name, _, _) in SINGLE_FILE.items() if name == contract)
-        if isinstance(size, int) and size != want:
-            raise ModelLoadError(
-                f"{path}: contract {contract} needs input (N, 3, {want}, {want}), "
-                f"but the model takes {shape}"
-            )
-        _, default_margin, scale = SINGLE_FILE[want]
-        self.contract = contract
-        self._input = InputSpec(CropSpec(want, "box", margin or default_margin), scale=scale)
-        self.crops = (self._input.crop,)
+        self.contract = _contract_of(path, self._session.get_inputs()[0].shape, contract)
+        size, default_margin, scale = next(
+            (size, m, scale) for size, (name, m, scale) in SINGLE_FILE.items()
+            if name == self.contract
+        )  # fmt: skip
+        crop = _metadata_crop(self._session)
+        if crop is None or margin is not None:
+            crop = CropSpec(size, "box", margin or default_margin)
+        self._input = InputSpec(crop, scale=scale)
+        self.crops = (crop,)
+        outputs = [output.name for output in self._session.get_outputs()]
+        self._has_distribution = outputs[1:2] == [AGE_DISTRIBUTION_OUTPUT]
 
     def estimate(self, crops: Mapping[CropSpec, np.ndarray]) -> Estimates:
         batch = crops[self._input.crop]
         if len(batch) == 0:
             empty = np.zeros((0,), np.float32)
             return Estimates(age=empty, p_male=empty, age_confidence=empty)
-        output = _run(self._session, self._input.prepare(batch))
-        return decode_genderage(output)
+        inputs = {self._session.get_inputs()[0].name: self._input.prepare(batch)}
+        outputs = self._session.run(None, inputs)
+        return decode_genderage(outputs[0], outputs[1] if self._has_distribution else None)
 
 
-def decode_genderage(output: np.ndarray) -> Estimates:
-    """(n, 3) female logit, male logit, age / 100 -> Estimates; a regressor has no age class
-    confidence, so age_confidence is NaN."""
+class GenderAge:
+    """agestream's own GenderAge network (trained by `agestream train`, shipped in the
+    package): one 112 px aligned crop in, gender and an age distribution out."""
+
+    name = "genderage"
+    predicts = (AGE, GENDER)
+
+    def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
+        settings.take({})
+        path = Path(settings.model) if settings.model else ensure_model(OWN_MODEL, models_dir)
+        self._model = _SingleFile(path, settings, "genderage-112", None)
+        self.contract = self._model.contract
+        self.crops = self._model.crops
+
+    def estimate(self, crops: Mapping[CropSpec, np.ndarray]) -> Estimates:
+        return self._model.estimate(crops)
+
+
+def decode_genderage(output: np.ndarray, age_probs: np.ndarray | None = None) -> Estimates:
+    """(n, 3) female logit, male logit, age / 100 -> Estimates. A plain regressor has no age
+    confidence (NaN); with the (n, bins) age distribution over 0, 1, ... years, its spread
+    is kept as `age_std`."""
     if output.ndim != 2 or output.shape[1] != 3:
         raise ValueError(f"genderage output must have shape (n, 3), but got {output.shape}")
     n = len(output)
+    age_std = None
+    if age_probs is not None:
+        if age_probs.ndim != 2 or len(age_probs) != n:
+            raise ValueError(
+                f"age distribution must have shape ({n}, bins), but got {age_probs.shape}"
+            )
+        years = np.arange(age_probs.shape[1], dtype=np.float64)
+        mean = age_probs @ years
+        age_std = np.sqrt(np.maximum(age_probs @ years**2 - mean**2, 0.0)).astype(np.float32)
     return Estimates(
         age=(output[:, 2] * 100.0).astype(np.float32),
         p_male=softmax(output[:, :2].astype(np.float64))[:, 1].astype(np.float32),
         age_confidence=np.full((n,), np.nan, np.float32),
+        age_std=age_std,
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from detectors import Detector
 from estimators import CropSpec, Estimator
-from stream.align import extract_chips
+from stream.align import extract_chips, warp_chips
 from stream.types import Estimates, Faces, check_shape
 
 
@@ -50,6 +50,8 @@ def cut_crops(image_rgb: np.ndarray, faces: Faces, spec: CropSpec) -> np.ndarray
     """The (n, size, size, 3) uint8 RGB crops `spec` asks for, one per face."""
     if spec.align == "chip":
         return extract_chips(image_rgb, faces.keypoints, spec.size)
+    if spec.align == "warp":
+        return warp_chips(image_rgb, faces.keypoints, spec.size, spec.margin)
     return box_crops(image_rgb, faces.xyxy, spec.size, spec.margin)
 
 

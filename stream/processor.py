@@ -10,7 +10,7 @@ import numpy as np
 
 from stream.analyzer import FaceAnalyzer
 from stream.config import TrackingConfig
-from stream.smoothing import TrackSmoother, TrackSummary, view_quality
+from stream.smoothing import TrackSmoother, view_quality
 from stream.tracking import Tracker
 from stream.types import Estimates, Faces, Frame, FrameResult
 
@@ -31,9 +31,12 @@ class Detected:
 def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
     """Full-length estimates with NaN where `mask` is False."""
     columns = {}
-    for name in ("age", "p_male", "age_confidence"):
+    for name in ("age", "p_male", "age_confidence", "age_std"):
+        values = getattr(estimates, name)
+        if values is None:
+            continue
         column = np.full(len(mask), np.nan, np.float32)
-        column[mask] = getattr(estimates, name)
+        column[mask] = values
         columns[name] = column
     return Estimates(**columns)
 
@@ -58,18 +61,17 @@ class FrameProcessor:
         except Exception as error:
             return Detected(frame, None, None, timings, error)
 
-    def process_detected(
-        self, detected: Detected, t_ms: float
-    ) -> tuple[FrameResult, list[TrackSummary]]:
-        """Track, estimate the faces that need it, smooth. Raises the detection's error."""
+    def process_detected(self, detected: Detected, t_ms: float) -> tuple[FrameResult, list[int]]:
+        """Track, estimate the faces that need it, smooth; also the IDs of the tracks that
+        ended with this frame. Raises the detection's error."""
         if detected.error is not None:
             raise detected.error
         frame, faces, timings = detected.frame, detected.faces, dict(detected.timings)
         started = time.perf_counter()
         update = self.tracker.update(faces)
         quality = view_quality(frame.image, faces)
-        self.smoother.observe(update.track_ids, quality, frame.index, t_ms)
-        ended = self.smoother.end(update.ended)
+        self.smoother.observe(update.track_ids)
+        self.smoother.end(update.ended)
         wanted = self.smoother.needs_estimate(
             update.track_ids, update.confirmed, quality, frame.index
         )
@@ -86,13 +88,14 @@ class FrameProcessor:
             track_ids=update.track_ids,
             smoothed=self.smoother.smoothed(update.track_ids),
             estimated=wanted,
+            quality=quality,
             t_ms=t_ms,
             timings_ms=timings,
         )
-        return result, ended
+        return result, list(update.ended)
 
-    def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[TrackSummary]]:
-        """The frame's result and the summaries of tracks that ended with it."""
+    def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[int]]:
+        """The frame's result and the IDs of the tracks that ended with it."""
         return self.process_detected(self.detect(frame), t_ms)
 
     def skipped(self, frame: Frame, t_ms: float, error: Exception) -> FrameResult:
@@ -100,7 +103,3 @@ class FrameProcessor:
         log.warning("frame %d: analysis skipped: %s", frame.index, error)
         empty = np.zeros((0,), np.float32)
         return FrameResult(frame, Faces.empty(), Estimates(empty, empty, empty), t_ms=t_ms)
-
-    def finish(self) -> list[TrackSummary]:
-        """Summaries of the tracks still open at the end of the stream."""
-        return self.smoother.end_all()

@@ -9,7 +9,6 @@ hysteresis, so the label flips only on strong contrary evidence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -21,6 +20,8 @@ from stream.types import Estimates, Faces, Smoothed
 FULL_QUALITY_FACE_PX = 96.0
 # Laplacian variance of a 64 px grey face crop at which sharpness counts as half.
 HALF_SHARPNESS_VARIANCE = 60.0
+# Spread (years) of an estimator's age distribution at which its confidence counts half.
+AGE_STD_HALF = 5.0
 # p_male is clipped before the logit so one overconfident frame cannot decide a track.
 P_CLIP = 0.02
 
@@ -61,35 +62,23 @@ def view_quality(image_bgr: np.ndarray, faces: Faces) -> np.ndarray:
     ).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class TrackSummary:
-    """What the per-track CSV records for one track."""
-
-    track_id: int
-    first_frame: int
-    last_frame: int
-    first_t_ms: float
-    last_t_ms: float
-    frames_seen: int
-    frames_estimated: int
-    age: float
-    age_uncertainty: float
-    gender: str
-    p_male: float
-    mean_quality: float
+def estimate_confidence(estimates: Estimates) -> np.ndarray:
+    """(n,) in [0, 1]: how sure the estimator was of each face. From the spread of its age
+    distribution when it gives one (1 / (1 + (std / AGE_STD_HALF)^2): a 5-year spread counts
+    half), else its top age class's probability; 0.5 for a regressor that gives neither."""
+    if estimates.age_std is not None:
+        confidence = 1.0 / (1.0 + (estimates.age_std / AGE_STD_HALF) ** 2)
+    else:
+        confidence = estimates.age_confidence
+    return np.where(np.isfinite(confidence), confidence, 0.5).astype(np.float32)
 
 
 class TrackState:
     """Evidence accumulated for one track; forgotten when the track ends."""
 
-    def __init__(self, track_id: int, frame: int, t_ms: float, flip_log_odds: float) -> None:
+    def __init__(self, track_id: int, flip_log_odds: float) -> None:
         self.track_id = track_id
         self.flip_log_odds = flip_log_odds
-        self.first_frame = self.last_frame = frame
-        self.first_t_ms = self.last_t_ms = t_ms
-        self.frames_seen = 0
-        self.frames_estimated = 0
-        self.quality_sum = 0.0
         self.best_quality = 0.0
         self.last_estimated_frame = -1
         # Decayed sums: age weights, their squares, weighted ages and their squares; gender
@@ -99,14 +88,8 @@ class TrackState:
         self.w_gender = self.logit_evidence = 0.0
         self.is_male: bool | None = None
 
-    def observe(self, frame: int, t_ms: float, quality: float) -> None:
-        self.last_frame, self.last_t_ms = frame, t_ms
-        self.frames_seen += 1
-        self.quality_sum += quality
-
     def add_estimate(self, age: float, p_male: float, weight: float, decay: float) -> None:
         """Fold in one estimate; NaN stands for what the estimator does not predict."""
-        self.frames_estimated += 1
         if math.isfinite(age):
             self.w = decay * self.w + weight
             self.w2 = decay**2 * self.w2 + weight**2
@@ -155,22 +138,6 @@ class TrackState:
             return math.nan
         return 1.0 / (1.0 + math.exp(-self.logit_evidence / self.w_gender))
 
-    def summary(self) -> TrackSummary:
-        return TrackSummary(
-            track_id=self.track_id,
-            first_frame=self.first_frame,
-            last_frame=self.last_frame,
-            first_t_ms=self.first_t_ms,
-            last_t_ms=self.last_t_ms,
-            frames_seen=self.frames_seen,
-            frames_estimated=self.frames_estimated,
-            age=self.age,
-            age_uncertainty=self.age_uncertainty,
-            gender="" if self.is_male is None else ("male" if self.is_male else "female"),
-            p_male=self.p_male,
-            mean_quality=self.quality_sum / max(self.frames_seen, 1),
-        )
-
 
 class TrackSmoother:
     """All tracks' smoothing state plus the policy of which faces to estimate.
@@ -185,14 +152,11 @@ class TrackSmoother:
         self._decay = 0.5 ** (1.0 / max(settings.half_life_s * fps, 1.0))
         self._states: dict[int, TrackState] = {}
 
-    def observe(self, track_ids: np.ndarray, quality: np.ndarray, frame: int, t_ms: float) -> None:
-        for track_id, q in zip(track_ids.tolist(), quality.tolist()):
-            state = self._states.get(track_id)
-            if state is None:
-                state = self._states[track_id] = TrackState(
-                    track_id, frame, t_ms, self.settings.gender_flip_log_odds
-                )
-            state.observe(frame, t_ms, q)
+    def observe(self, track_ids: np.ndarray) -> None:
+        """Start the state of tracks seen for the first time."""
+        for track_id in track_ids.tolist():
+            if track_id not in self._states:
+                self._states[track_id] = TrackState(track_id, self.settings.gender_flip_log_odds)
 
     def needs_estimate(
         self, track_ids: np.ndarray, confirmed: np.ndarray, quality: np.ndarray, frame: int
@@ -220,18 +184,16 @@ class TrackSmoother:
         frame: int,
     ) -> None:
         """Fold in estimates for the faces that were estimated this frame."""
-        for track_id, age, p_male, age_confidence, q in zip(
+        for track_id, age, p_male, confidence, q in zip(
             track_ids.tolist(),
             estimates.age.tolist(),
             estimates.p_male.tolist(),
-            estimates.age_confidence.tolist(),
+            estimate_confidence(estimates).tolist(),
             quality.tolist(),
         ):
             state = self._states[track_id]
             # The estimator's own confidence scales the view quality; a floor keeps a
             # hard-to-call face from being ignored entirely.
-            # Regression models give no confidence (NaN): their estimates count at view quality.
-            confidence = age_confidence if math.isfinite(age_confidence) else 0.5
             weight = max(q, 1e-3) * (0.5 + 0.5 * confidence)
             state.add_estimate(age, p_male, weight, self._decay)
             state.last_estimated_frame = frame
@@ -246,13 +208,7 @@ class TrackSmoother:
             is_male=np.array([bool(s.is_male) for s in states], bool),
         )
 
-    def end(self, track_ids: tuple[int, ...] | list[int]) -> list[TrackSummary]:
-        """Forget ended tracks, returning their final summaries."""
-        return [
-            self._states.pop(track_id).summary()
-            for track_id in track_ids
-            if track_id in self._states
-        ]
-
-    def end_all(self) -> list[TrackSummary]:
-        return self.end(list(self._states))
+    def end(self, track_ids: tuple[int, ...] | list[int]) -> None:
+        """Forget ended tracks."""
+        for track_id in track_ids:
+            self._states.pop(track_id, None)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
@@ -45,6 +46,13 @@ URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 
 # Used when a capture reports no usable FPS (common for webcams and some streams).
 FALLBACK_FPS = 30.0
+
+# Frames larger than this per side (beyond 8K, no camera's) are downscaled to it.
+MAX_FRAME_SIDE = 8192
+
+# A file whose frame count is unknown ends after this many reads in a row fail; with a known
+# count, the frames it still lists may all be tried.
+UNDECODABLE_RUN_LIMIT = 50
 
 # Longest the capture thread waits to hand over END_OF_STREAM; buffers never
 # block on it, so this only bounds a misbehaving buffer.
@@ -132,7 +140,8 @@ def parse_source(spec: str | int) -> SourceSpec:
     """Turn a CLI/config source into a `SourceSpec`.
 
     An int or a string of digits is a webcam index, rtsp(s):// and http(s):// are
-    stream URLs, anything else is a video file that must exist.
+    stream URLs (an http(s) URL of a video file turns out finite when opened), a file://
+    URL or anything else is a video file that must exist.
 
     Raises:
         SourceError: the file does not exist or is a directory.
@@ -142,6 +151,11 @@ def parse_source(spec: str | int) -> SourceSpec:
         return SourceSpec("webcam", index, f"webcam:{index}")
     if spec.lower().startswith(URL_SCHEMES):
         return SourceSpec("url", spec, redact(spec))
+    if spec.lower().startswith("file://"):
+        parts = urlsplit(spec)
+        if parts.netloc not in ("", "localhost"):
+            raise SourceError(f"cannot read {spec}: file:// URLs of other hosts are not supported")
+        spec = unquote(parts.path)
     path = Path(spec).expanduser()
     if path.is_dir():
         raise SourceError(f"video source is a directory, not a file: {path}; pass a video file")
@@ -208,9 +222,14 @@ class VideoSource:
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.on_event = on_event
         self.reconnects = 0
+        self.undecodable = 0  # frames of a file skipped because they could not be decoded
+        self.delivered = 0
+        self.position_ms: float | None = None  # media time of the last frame, for files
         self._capture: cv2.VideoCapture | None = None
         self._first: np.ndarray | None = None
         self._info: SourceInfo | None = None
+        self._shrink: float | None = None
+        self._finite = False
         self._lock = threading.Lock()
 
     @property
@@ -223,26 +242,63 @@ class VideoSource:
             raise SourceError(f"video source {self.source_id} is not open; call open() first")
         return self._info
 
+    @property
+    def file_path(self) -> Path | None:
+        """The video file read, for sources that are local files."""
+        return Path(str(self.spec.target)) if self.spec.kind == "file" else None
+
     def open(self) -> VideoSource:
         """Open the capture and read its first frame, kept for the first `read`.
+
+        A URL of a finite video (an mp4 on a web server) is read like a file: losslessly,
+        to its end, without reconnecting.
 
         Raises:
             SourceError: it cannot be opened or yields no first frame.
         """
         capture, first = self._connect()
         fps = capture.get(cv2.CAP_PROP_FPS)
-        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.spec.kind == "file" else 0
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.spec.kind != "webcam" else 0
+        finite = self.spec.kind == "file" or (
+            count > 0 and self.spec.target.lower().startswith(("http://", "https://"))
+        )
+        self._finite = finite
+        if finite:
+            self.reconnect = None
+            self.position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+        first = self._fit(first)
         self._info = SourceInfo(
             source_id=self.source_id,
             # From the frame itself: some backends report 0 or the wrong size.
             width=first.shape[1],
             height=first.shape[0],
             fps=fps if math.isfinite(fps) and fps > 0 else FALLBACK_FPS,
-            is_file=self.spec.kind == "file",
-            frame_count=count if count > 0 else None,
+            is_file=finite,
+            frame_count=count if count > 0 and finite else None,
         )
         self._capture, self._first = capture, first
         return self
+
+    def _fit(self, first: np.ndarray) -> np.ndarray:
+        """Frames beyond any camera's size are downscaled (with a warning) rather than left to
+        exhaust memory in detection."""
+        height, width = first.shape[:2]
+        if max(height, width) <= MAX_FRAME_SIDE:
+            return first
+        self._shrink = MAX_FRAME_SIDE / max(height, width)
+        shrunk = self._shrunk(first)
+        log.warning(
+            "video source %s has %dx%d frames, beyond any camera's size: processing them "
+            "downscaled to %dx%d",
+            self.source_id, width, height, shrunk.shape[1], shrunk.shape[0],
+        )  # fmt: skip
+        return shrunk
+
+    def _shrunk(self, image: np.ndarray) -> np.ndarray:
+        if self._shrink is None:
+            return image
+        size = (round(image.shape[1] * self._shrink), round(image.shape[0] * self._shrink))
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
     def _connect(self) -> tuple[cv2.VideoCapture, np.ndarray]:
         """A new capture and its first frame.
@@ -290,21 +346,62 @@ class VideoSource:
         """
         if self._first is not None:
             image, self._first = self._first, None
+            self.delivered += 1
             return image
+        if self._finite:
+            return self._read_finite()
         with self._lock:
             if self._capture is None:
                 return None
             ok, image = self._capture.read()
         if ok and image is not None:
-            return image
-        if self.spec.kind == "file":
-            return None
+            self.delivered += 1
+            return self._shrunk(image)
         if self.reconnect is not None:
             return self._reconnect()
         raise SourceError(
             f"lost video source {self.source_id}: it stopped delivering frames; "
             f"{_OPEN_HINTS[self.spec.kind]}"
         )
+
+    def _read_finite(self) -> np.ndarray | None:
+        """The next decodable frame of a file; frames that fail to decode in the middle are
+        skipped and counted. None at the end."""
+        failures = 0
+        while failures <= self._failures_allowed():
+            with self._lock:
+                if self._capture is None:
+                    return None
+                ok, image = self._capture.read()
+                position = self._capture.get(cv2.CAP_PROP_POS_MSEC)
+            if ok and image is not None:
+                if failures:
+                    log.warning(
+                        "%s: skipped %d undecodable frame(s) after frame %d",
+                        self.source_id, failures, self.delivered - 1,
+                    )  # fmt: skip
+                    self.undecodable += failures
+                self.delivered += 1
+                self.position_ms = position
+                return self._shrunk(image)
+            failures += 1
+        return None
+
+    def _failures_allowed(self) -> int:
+        count = self._info.frame_count if self._info is not None else None
+        if count is None:
+            return UNDECODABLE_RUN_LIMIT
+        return max(count - self.delivered - self.undecodable, 0) + 1
+
+    def raise_if_incomplete(self) -> None:
+        """After a file's end: fail when frames it lists were neither read nor skipped as
+        undecodable (a truncated file, or a web server that stopped sending)."""
+        count = self.info.frame_count
+        if count is not None and self.delivered + self.undecodable < count - 1:
+            raise SourceError(
+                f"video {self.source_id} ended after frame {self.delivered} of the {count} it "
+                "lists: the rest could not be read; the outputs hold the frames before it"
+            )
 
     def _emit(self, event: SourceEvent) -> None:
         if self.on_event is not None:
@@ -476,7 +573,9 @@ class CaptureThread(threading.Thread):
                 image = self.source.read()
                 if image is None:
                     break
-                frame = Frame(image, self.frames_read, time.monotonic(), source_id)
+                frame = Frame(
+                    image, self.frames_read, time.monotonic(), source_id, self.source.position_ms
+                )
                 self.frames_read += 1
                 # Blocks only for files; gives up when stop_event is set.
                 if not self.buffer.put(frame):

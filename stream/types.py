@@ -33,12 +33,22 @@ class SourceInfo:
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded BGR frame and where it came from."""
+    """One decoded BGR frame and where it came from.
+
+    Attributes:
+        image: (H, W, 3) uint8 BGR.
+        index: its number in the source (a live source's dropped frames leave gaps).
+        timestamp: time.monotonic() when it was captured.
+        source_id: the source's name, credentials redacted.
+        position_ms: its presentation time in a file (from the container, so variable
+            frame rates are right), or None for live sources.
+    """
 
     image: np.ndarray
     index: int
     timestamp: float
     source_id: str
+    position_ms: float | None = None
 
     def __post_init__(self) -> None:
         check_shape("Frame.image", self.image, (None, None, 3))
@@ -95,6 +105,8 @@ class Estimates:
         age_groups: (n, k) float32 age-group probabilities of a group classifier, or None.
         age_group_labels: the k group labels, in column order; set with `age_groups`.
         age_raw: (n,) float32 age before the estimator's bias correction, or None.
+        age_std: (n,) float32 spread (standard deviation, years) of the estimator's own age
+            distribution for each face, or None when it gives none.
     """
 
     age: np.ndarray
@@ -103,6 +115,7 @@ class Estimates:
     age_groups: np.ndarray | None = None
     age_group_labels: tuple[str, ...] | None = None
     age_raw: np.ndarray | None = None
+    age_std: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_shape("Estimates.age", self.age, (None,))
@@ -116,6 +129,8 @@ class Estimates:
             check_shape("Estimates.age_groups", self.age_groups, (n, len(labels)))
         if self.age_raw is not None:
             check_shape("Estimates.age_raw", self.age_raw, (n,))
+        if self.age_std is not None:
+            check_shape("Estimates.age_std", self.age_std, (n,))
 
     def __len__(self) -> int:
         return len(self.age)
@@ -149,7 +164,8 @@ class FrameResult:
     """Everything known about one processed frame.
 
     `estimates` are this frame's raw estimates, NaN for faces that were not
-    estimated (see `estimated`); `smoothed` are the per-track values shown.
+    estimated (see `estimated`); `smoothed` are the per-track values shown; `quality`
+    is each face's view quality (stream.smoothing.view_quality).
     """
 
     frame: Frame
@@ -158,6 +174,7 @@ class FrameResult:
     track_ids: np.ndarray | None = None
     smoothed: Smoothed | None = None
     estimated: np.ndarray | None = None
+    quality: np.ndarray | None = None
     t_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -177,3 +194,5 @@ class FrameResult:
             )
         if self.estimated is not None:
             check_shape("FrameResult.estimated", self.estimated, (n,))
+        if self.quality is not None:
+            check_shape("FrameResult.quality", self.quality, (n,))

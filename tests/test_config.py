@@ -43,12 +43,21 @@ def test_given_unknown_nested_key_then_error_names_its_path(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("detector:\n  model: medium\n", "detector.model: invalid value 'medium'"),
-        ("detector:\n  min_confidence: 1.5\n", "min_confidence must be in"),
-        ("source:\n  queue_size: 0\n", "queue_size must be >= 1"),
-        ("estimator:\n  providers: []\n", "at least one ONNX Runtime provider"),
+        ("detector:\n  model: medium\n", "detector.model: Input should be 'short', 'full' or"),
+        ("detector:\n  min_confidence: 1.5\n", "min_confidence: Input should be less than 1"),
+        ("source:\n  queue_size: 0\n", "source.queue_size: Input should be greater than or"),
+        ("estimator:\n  providers: []\n", "estimator.providers: Tuple should have at least 1"),
         ("detector: [1, 2]\n", "detector must be a mapping"),
         ("detector:\n  model: [\n", "not valid YAML"),
+        # Each below was accepted, or failed later without naming the key (issue 11, case 10).
+        ("detector:\n  min_face_px: .nan\n", "detector.min_face_px: Input should be a valid"),
+        ("estimator:\n  threads: 9999\n", "estimator.threads: Input should be less than or"),
+        ("detector:\n  min_confidence: 1e-9\n", "YAML read it as text"),
+        ("source:\n  queue_size: '8'\n", "source.queue_size: Input should be a valid integer"),
+        ("estimator:\n  providers: CPUExecutionProvider\n", "write a list, e.g."),
+        ("output:\n  window: 'no'\n", "output.window: Input should be a valid boolean"),
+        ("tracking:\n  lifetime_s: .inf\n", "tracking.lifetime_s: Input should be a finite"),
+        ("- just\n- a list\n", "config must be a mapping, but got list"),
     ],
 )
 def test_given_bad_value_then_config_error_says_what(
@@ -56,6 +65,30 @@ def test_given_bad_value_then_config_error_says_what(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (bytes(range(256)) * 4, "is not a text file (not UTF-8)"),
+        (b"detector:\n  model: short\x00\x01\n", "is not a text file (it has NUL bytes)"),
+        (b"just some words\n", "config must be a mapping, but got str"),
+    ],
+)
+def test_given_a_malformed_file_when_cli_runs_then_one_line_naming_it_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, expected: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    code = main(["run", "0", "--config", str(path), "--no-window"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and str(path) in err[0] and expected in err[0]
+
+
+def test_given_a_bad_flag_value_then_config_error_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="output.max_frames: Input should be greater than"):
+        override(load_config(), "output", max_frames=0)
 
 
 def test_given_missing_config_file_then_error_names_it(tmp_path: Path) -> None:

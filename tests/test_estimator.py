@@ -61,7 +61,9 @@ def test_given_unavailable_provider_then_it_falls_back_to_cpu_with_a_warning(cap
         pytest.skip("CUDA is available here, so there is no fallback to see")
     caplog.set_level(logging.INFO)
     estimator = create_estimator(
-        EstimatorConfig(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+        EstimatorConfig(
+            name="onnx-genderage", providers=("CUDAExecutionProvider", "CPUExecutionProvider")
+        )
     )
     assert estimator.crops == (CropSpec(32), CropSpec(64))
     assert any("CUDAExecutionProvider is not available" in r.message for r in caplog.records)

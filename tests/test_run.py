@@ -58,6 +58,7 @@ def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_fa
             "age_uncertainty",
             "age_raw",
             "p_male_raw",
+            "age_std_raw",
         }
         assert isinstance(face["track"], int)
         x1, y1, x2, y2 = face["box"]

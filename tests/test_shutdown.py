@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from stream.outputs import partial_path
 from tests.conftest import HAMILTON, decoded_frame_count, require
 
 # Within 2 s of the signal the summary is printed (all outputs finalized) and the process
@@ -52,7 +53,9 @@ def interrupt(process: subprocess.Popen[str], signum: int) -> Stopped:
 
 
 def wait_for_lines(path: Path, count: int, timeout_s: float = 90.0) -> None:
+    """Wait until the run has written `count` lines (to the partial file it renames when done)."""
     deadline = time.monotonic() + timeout_s
+    path = partial_path(path)
     while not (path.exists() and path.read_text().count("\n") >= count):
         if time.monotonic() > deadline:
             raise AssertionError(f"no {count} JSON lines in {path} after {timeout_s} s")

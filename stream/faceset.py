@@ -1,0 +1,139 @@
+"""Labelled face-image folders (labels.csv or UTKFace names), their fixed split, and the face
+the pipeline finds in each image: what `evaluate` scores and what training learns from."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from detectors import Detector
+from stream.align import pad_to_canvas
+from stream.sources import MAX_FRAME_SIDE
+from stream.types import Faces
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.csv"
+# The shared data's split: sha1(file name) % 5; 0 is development, 1 is reserved for
+# the final evaluation, 2-4 are for training.
+DEV_SPLIT, RESERVED_SPLIT, TRAIN_SPLITS = 0, 1, (2, 3, 4)
+GENDERS = {"male": True, "m": True, "0": True, "female": False, "f": False, "1": False}
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One labelled face image; `source` names the data set it belongs to (e.g. utkface)."""
+
+    path: Path
+    age: int
+    is_male: bool
+    source: str
+
+
+def split_of(name: str) -> int:
+    """The shared data's fixed split of a file: sha1 of its base name, modulo 5."""
+    return int(hashlib.sha1(Path(name).name.encode()).hexdigest(), 16) % 5
+
+
+def parse_utkface_name(path: Path) -> LabelledImage | None:
+    """`AGE_GENDER_RACE_DATE.jpg.chip.jpg` → labels; None for names missing a field."""
+    parts = path.name.split("_")
+    if len(parts) < 4 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
+        return None
+    return LabelledImage(path=path, age=int(parts[0]), is_male=parts[1] == "0", source="utkface")
+
+
+def _row_image(directory: Path, row: dict[str, str], line: int) -> LabelledImage:
+    where = f"{directory / LABELS_FILE} line {line}"
+    try:
+        file, age_text, gender = row["file"], row["age"].strip(), row["gender"].strip().lower()
+    except (KeyError, AttributeError):
+        raise ValueError(f"{where}: expected the columns file,age,gender") from None
+    if not age_text.isdigit() or gender not in GENDERS:
+        raise ValueError(
+            f"{where}: age must be whole years and gender male or female, got {age_text!r}, "
+            f"{gender!r}"
+        )
+    relative = Path(file)
+    source = relative.parts[0] if len(relative.parts) > 1 else directory.name
+    return LabelledImage(directory / relative, int(age_text), GENDERS[gender], source)
+
+
+def _from_labels_file(directory: Path) -> list[LabelledImage]:
+    with open(directory / LABELS_FILE, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    return [_row_image(directory, row, line) for line, row in enumerate(rows, start=2)]
+
+
+def _from_utkface_names(directory: Path) -> list[LabelledImage]:
+    images = []
+    for path in sorted(directory.glob("*.jpg")):
+        labelled = parse_utkface_name(path)
+        if labelled is None:
+            log.warning("skipping %s: not an AGE_GENDER_RACE_DATE UTKFace name", path.name)
+            continue
+        images.append(labelled)
+    return images
+
+
+def load_labelled(directory: Path, limit: int | None = None) -> list[LabelledImage]:
+    """The folder's labelled images: from its labels.csv (`file,age,gender`) when it has one,
+    else from UTKFace file names. `limit` keeps that many, spread evenly over the sorted list
+    so that the age mix stays close to the whole set's."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"evaluation folder not found: {directory}")
+    if (directory / LABELS_FILE).is_file():
+        images = _from_labels_file(directory)
+    else:
+        images = _from_utkface_names(directory)
+    if not images:
+        raise FileNotFoundError(
+            f"no labelled images in {directory}: add a {LABELS_FILE} (file,age,gender) "
+            "or use UTKFace AGE_GENDER_RACE_DATE names"
+        )
+    if limit is not None and limit < len(images):
+        images = [images[i] for i in np.linspace(0, len(images) - 1, limit).round().astype(int)]
+    return images
+
+
+def read_face_image(path: Path) -> np.ndarray | None:
+    """The BGR image at `path`, downscaled with a warning when a side is beyond any camera's
+    (padding and detecting it whole would exhaust memory); None, logged, when unreadable."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        log.warning("skipping %s: not a readable image (or too large for OpenCV)", path)
+        return None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_FRAME_SIDE:
+        scale = MAX_FRAME_SIDE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        log.warning(
+            "%s is %dx%d, beyond any camera's size: using it downscaled to %dx%d",
+            path, width, height, *size,
+        )  # fmt: skip
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
+
+
+def central_face(faces: Faces, canvas_shape: tuple[int, ...]) -> int | None:
+    """Index of the detection nearest the canvas centre, where a padded crop's face is."""
+    if len(faces) == 0:
+        return None
+    centre = np.array(canvas_shape[1::-1], float) / 2
+    box_centres = (faces.xyxy[:, :2] + faces.xyxy[:, 2:]) / 2
+    return int(np.argmin(np.linalg.norm(box_centres - centre, axis=1)))
+
+
+def detect_on_canvas(detector: Detector, image_rgb: np.ndarray) -> tuple[np.ndarray, Faces]:
+    """A face crop padded onto a canvas (BlazeFace misses faces that fill the frame), and the
+    one face the pipeline finds there (empty when it finds none)."""
+    canvas, _ = pad_to_canvas(image_rgb)
+    faces = detector.detect(canvas)
+    best = central_face(faces, canvas.shape)
+    return canvas, Faces.empty() if best is None else faces[best : best + 1]
