@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stream.outputs import partial_path
 from stream.sources import ReconnectPolicy, SourceEvent, VideoSource
 from tests.conftest import HAMILTON, require
 from tests.test_shutdown import EXIT_LIMIT_S, interrupt
@@ -124,6 +125,9 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 
 
 def records(path: Path) -> list[dict]:
+    """The whole lines a running `agestream run --json PATH` has written so far (to the
+    partial file it renames when it ends)."""
+    path = partial_path(path)
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
