@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="write the annotated video here (.mp4)")
     run.add_argument("--json", help="write one JSON record per frame here (.jsonl)")
     run.add_argument("--no-window", action="store_true", help="do not open a window")
+    run.add_argument(
+        "--fast",
+        action="store_true",
+        help="show a file in the window as fast as it is processed, not at its own frame rate",
+    )
     run.add_argument("--max-frames", type=int, help="stop after this many frames")
     run.add_argument("--tracks", help="write one CSV row per track here (.csv)")
     run.add_argument(
@@ -131,6 +136,7 @@ def _config_from(args: argparse.Namespace) -> Config:
             video=args.output,
             json=args.json,
             window=False if args.no_window else None,
+            pace=False if args.fast else None,
             max_frames=args.max_frames,
             tracks=args.tracks,
         )

@@ -80,6 +80,7 @@ class TrackingConfig:
 @dataclass(frozen=True, config=STRICT)
 class OutputConfig:
     window: bool = True
+    pace: bool = True
     video: Annotated[str, Field(min_length=1)] | None = None
     json: Annotated[str, Field(min_length=1)] | None = None
     tracks: Annotated[str, Field(min_length=1)] | None = None

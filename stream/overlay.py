@@ -1,4 +1,5 @@
-"""Draw boxes, age/gender labels and a HUD of measured rates onto a frame."""
+"""Draw boxes, age/gender labels and a HUD of measured rates onto a frame, sized to stay
+readable wherever the frame is shown."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ FEMALE_COLOUR = (180, 105, 255)  # BGR pink
 MALE_COLOUR = (255, 160, 60)  # BGR blue
 HUD_COLOUR = (255, 255, 255)
 NO_GENDER_COLOUR = (200, 200, 200)  # age-only estimators
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Cap height in pixels per unit of font scale (OpenCV's built-in font, measured).
+CAP_PX_PER_SCALE = 20.0
+# Labels are at least this tall on screen (readable on a laptop)...
+MIN_CAP_PX = 16.0
+# ... and otherwise this fraction of the frame's shorter side, so they grow with the frame.
+CAP_PER_SHORT_SIDE = 0.025
+HUD_SCALE = 0.9  # the HUD is second to the labels
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,14 @@ def face_label(
     return " ".join(parts), confidence
 
 
+def font_scale(width: int, height: int, shown: float = 1.0) -> float:
+    """The labels' font scale for a frame shown at `shown` times its size (a window shrunk to
+    fit the screen): a cap height proportional to the frame, never under MIN_CAP_PX on screen.
+    """
+    cap_px = max(MIN_CAP_PX / shown, min(width, height) * CAP_PER_SHORT_SIDE)
+    return cap_px / CAP_PX_PER_SCALE
+
+
 def _text_with_background(
     image: np.ndarray,
     text: str,
@@ -48,23 +65,31 @@ def _text_with_background(
     scale: float,
 ) -> None:
     thickness = max(1, round(scale * 2))
-    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    (width, height), baseline = cv2.getTextSize(text, FONT, scale, thickness)
     x, y = origin
     y = max(y, height + baseline)
     cv2.rectangle(image, (x, y - height - baseline), (x + width, y + baseline), (0, 0, 0), -1)
-    cv2.putText(
-        image, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA
-    )
+    cv2.putText(image, text, (x, y), FONT, scale, colour, thickness, cv2.LINE_AA)
 
 
-def annotate(result: FrameResult, stats: HudStats) -> np.ndarray:
+def hud_line(image: np.ndarray, text: str, row: int, scale: float) -> None:
+    """Write `text` as the HUD's `row`-th line (0: the rates) in the top left corner."""
+    hud_scale = scale * HUD_SCALE
+    (_, height), baseline = cv2.getTextSize("Hg", FONT, hud_scale, max(1, round(hud_scale * 2)))
+    top = row * (height + 2 * baseline + max(2, round(height / 4)))
+    _text_with_background(image, text, (6, top + height + baseline), HUD_COLOUR, hud_scale)
+
+
+def annotate(result: FrameResult, stats: HudStats, scale: float | None = None) -> np.ndarray:
     """Label the faces and draw the HUD onto the frame's own image, and return it.
 
+    `scale` is the font scale (default: `font_scale` for the frame shown at its own size).
     In place because nothing reads the raw image after annotation, and a copy of every
     frame costs the busiest thread about a millisecond at 720p.
     """
     image = result.frame.image
-    scale = max(0.4, image.shape[0] / 900)
+    if scale is None:
+        scale = font_scale(image.shape[1], image.shape[0])
     smoothed = result.smoothed
     for i, box in enumerate(result.faces.xyxy):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
@@ -93,5 +118,5 @@ def annotate(result: FrameResult, stats: HudStats) -> np.ndarray:
         f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
         f" | dropped {stats.dropped}"
     )
-    _text_with_background(image, hud, (6, 6), HUD_COLOUR, scale * 0.9)
+    hud_line(image, hud, 0, scale)
     return image

@@ -11,8 +11,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -30,11 +30,12 @@ from stream.analyzer import FaceAnalyzer
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
 from stream.config import Config, OutputConfig
 from stream.outputs import check_output_paths
-from stream.overlay import HudStats, annotate
+from stream.overlay import HudStats, annotate, font_scale
 from stream.processor import Detected, FrameProcessor
-from stream.sinks import RunOutputs, WindowSink
+from stream.sinks import RunOutputs
 from stream.sources import CaptureThread, SourceEvent, VideoSource
 from stream.types import Frame, FrameResult, SourceInfo
+from stream.window import Snapshots, WindowSink, has_display
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,6 @@ def _signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), caught[0])
 
 
-def has_display() -> bool:
-    return sys.platform != "linux" or bool(
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
-    )
-
-
 class DetectionThread(threading.Thread):
     """Detects faces one frame ahead of the processing thread, for file sources.
 
@@ -211,7 +206,7 @@ class ProcessingThread(threading.Thread):
     tracks, estimates and annotates them, hands them to the sinks.
 
     Each item put into `results` is `(result, annotated image, IDs of the tracks that
-    ended with it)`.
+    ended with it)`; labels are drawn at font scale `scale`.
     """
 
     def __init__(
@@ -222,6 +217,7 @@ class ProcessingThread(threading.Thread):
         capture: CaptureThread,
         info: SourceInfo,
         stop: threading.Event,
+        scale: float,
     ) -> None:
         super().__init__(name="processing", daemon=True)
         self.processor = processor
@@ -230,6 +226,7 @@ class ProcessingThread(threading.Thread):
         self.capture = capture
         self.info = info
         self.stop = stop
+        self.scale = scale
         self.meter = RateMeter()
         self.started_at = time.monotonic()
         self.first_timestamp: float | None = None
@@ -266,7 +263,7 @@ class ProcessingThread(threading.Thread):
                 result, ended = self._process(detected)
                 self.meter.tick(time.monotonic())
                 stats = HudStats(self.meter.rate, self.source_fps(), self.capture.drops)
-                if not self.results.put((result, annotate(result, stats), ended)):
+                if not self.results.put((result, annotate(result, stats, self.scale), ended)):
                     break
         except Exception as error:  # re-raised on the main thread
             self.error = error
@@ -307,7 +304,11 @@ class Stages:
 
 
 def build_stages(
-    processor: FrameProcessor, source: VideoSource, queue_size: int, stop: threading.Event
+    processor: FrameProcessor,
+    source: VideoSource,
+    queue_size: int,
+    stop: threading.Event,
+    scale: float,
 ) -> Stages:
     info = source.info
     frames = make_buffer(info.is_file, queue_size, stop)
@@ -317,7 +318,7 @@ def build_stages(
     if info.is_file:
         processing_inputs = BlockingBuffer(DETECTED_QUEUE_SIZE, stop)
         detection = DetectionThread(processor, frames, processing_inputs, stop)
-    processing = ProcessingThread(processor, processing_inputs, results, capture, info, stop)
+    processing = ProcessingThread(processor, processing_inputs, results, capture, info, stop, scale)
     return Stages(capture, detection, processing, results)
 
 
@@ -349,13 +350,27 @@ def _ignore_interrupts_while_finishing() -> None:
         signal.signal(signum, finishing)
 
 
-def _open_window(output: OutputConfig, info: SourceInfo) -> WindowSink | None:
+def _snapshots(output: OutputConfig, info: SourceInfo) -> Snapshots:
+    """Snapshots go beside the run's first output file, else into the current folder, named
+    after the source."""
+    paths = list(output_paths(output).values())
+    folder = paths[0].absolute().parent if paths else Path.cwd()
+    name = Path(info.source_id).stem if info.is_file else info.source_id
+    return Snapshots(folder, re.sub(r"[^\w.-]+", "_", name).strip("_") or "source")
+
+
+def _open_window(
+    output: OutputConfig, info: SourceInfo, stop: threading.Event
+) -> WindowSink | None:
     if not output.window:
         return None
     if not has_display():
         log.warning("no display found: running without a window (use --no-window to silence)")
         return None
-    return WindowSink(f"agestream: {info.source_id}")
+    # A file plays at its own pace; a live source is shown as it comes.
+    pace = output.pace and info.is_file
+    size = (info.width, info.height)
+    return WindowSink(f"agestream: {info.source_id}", size, pace, _snapshots(output, info), stop)
 
 
 def _drain(
@@ -393,7 +408,7 @@ def _drain(
                 outputs.write(result, image)
                 summary.count(result)
             progress.update()
-            if window is not None and not window.show(image):
+            if window is not None and not window.show(image, result.frame.index, result.t_ms):
                 log.info("window closed: stopping")
                 return False
             if max_frames is not None and summary.frames >= max_frames:
@@ -442,10 +457,12 @@ def run(
         # file whose finishing failed is not reported as written.
         stack.callback(lambda: summary.outputs.extend(outputs.report()))
         stack.enter_context(outputs)
-        window = _open_window(config.output, info)
+        window = _open_window(config.output, info, source.stop_event)
         if window is not None:
             stack.enter_context(window)
-        stages = build_stages(processor, source, config.source.queue_size, source.stop_event)
+        # Labels sized for where they are seen: in the window when there is one.
+        scale = font_scale(info.width, info.height, window.shown if window else 1.0)
+        stages = build_stages(processor, source, config.source.queue_size, source.stop_event, scale)
         summary.source_id = info.source_id
         stack.callback(_stop_stages, stages, summary, source)
         # Everything loaded so far (frameworks, models) lives for the whole run: keep it out of

@@ -1,4 +1,4 @@
-"""Outputs of a run: window, annotated video file, JSON lines, tracks CSV. Each is a context
+"""File outputs of a run: annotated video file, JSON lines, tracks CSV. Each is a context
 manager so that whatever was written is finalized on normal end, on errors and on Ctrl-C."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 
 from stream.config import OutputConfig
@@ -25,14 +24,9 @@ from stream.types import FrameResult
 
 log = logging.getLogger(__name__)
 
-QUIT_KEYS = (ord("q"), 27)  # q and Esc
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 # Seconds between forcing the video to disk, so that power loss keeps all but the last few.
 SYNC_EVERY_S = 2.0
-
-
-# An output that cannot be opened or written; kept under its old name for callers.
-SinkError = OutputError
 
 
 class _FileSink:
@@ -233,37 +227,6 @@ class TrackCsvSink(_FileSink):
         if rows:
             self._write_rows(rows)
             self.rows_written += len(rows)
-
-
-class WindowSink:
-    """A cv2 window; `show` returns False once the user presses q or Esc or closes it."""
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        try:
-            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
-        except cv2.error as error:
-            raise SinkError(
-                f"cannot open a window ({str(error).strip().splitlines()[-1]}); "
-                "run with --no-window on a machine without a display"
-            ) from error
-
-    def show(self, image: np.ndarray) -> bool:
-        cv2.imshow(self.title, image)
-        key = cv2.waitKey(1) & 0xFF
-        if key in QUIT_KEYS:
-            return False
-        return cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) >= 1
-
-    def close(self) -> None:
-        cv2.destroyWindow(self.title)
-        cv2.waitKey(1)
-
-    def __enter__(self) -> WindowSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RunOutputs:
