@@ -14,7 +14,7 @@ import numpy as np
 
 from detectors import Detector
 from stream.align import pad_to_canvas
-from stream.sources import MAX_FRAME_SIDE
+from stream.sources import MAX_FRAME_SIDE, shrink
 from stream.types import Faces
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,11 @@ def read_face_image(path: Path) -> np.ndarray | None:
         return None
     height, width = image.shape[:2]
     if max(height, width) > MAX_FRAME_SIDE:
-        scale = MAX_FRAME_SIDE / max(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = shrink(image, MAX_FRAME_SIDE / max(height, width))
         log.warning(
             "%s is %dx%d, beyond any camera's size: using it downscaled to %dx%d",
-            path, width, height, *size,
+            path, width, height, image.shape[1], image.shape[0],
         )  # fmt: skip
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     return image
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "VideoSource",
     "parse_source",
     "redact",
+    "shrink",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@")
 
 class SourceError(RuntimeError):
     """A source cannot be opened or read; the message names it and what to do."""
+
+
+def shrink(image: np.ndarray, scale: float) -> np.ndarray:
+    """`image` resized by `scale` < 1 (area averaging), each side at least 1 pixel."""
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def redact(url: str) -> str:
@@ -295,10 +303,7 @@ class VideoSource:
         return shrunk
 
     def _shrunk(self, image: np.ndarray) -> np.ndarray:
-        if self._shrink is None:
-            return image
-        size = (round(image.shape[1] * self._shrink), round(image.shape[0] * self._shrink))
-        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return image if self._shrink is None else shrink(image, self._shrink)
 
     def _connect(self) -> tuple[cv2.VideoCapture, np.ndarray]:
         """A new capture and its first frame.
