@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from detectors import Detector
 from estimators import CropSpec, Estimator
 from stream.align import extract_chips, warp_chips
+from stream.config import DetectorConfig
 from stream.types import Estimates, Faces, check_shape
 
 
@@ -55,16 +57,47 @@ def cut_crops(image_rgb: np.ndarray, faces: Faces, spec: CropSpec) -> np.ndarray
     return box_crops(image_rgb, faces.xyxy, spec.size, spec.margin)
 
 
+# The second look at a new track's face: BlazeFace short-range on a square crop of this side
+# around the box, the face filling 1/FACE_CHECK_MARGIN of it (as in its training crops).
+FACE_CHECK_SIZE = 128
+FACE_CHECK_MARGIN = 1.8
+
+
+def detector_config_for_checks(config: DetectorConfig) -> DetectorConfig:
+    """The face checker's settings: short range (the crop is one close face), every score kept
+    (the caller compares it with its own bar), no size floor (the crop is small)."""
+    return replace(config, model="short", min_confidence=0.1, min_face_px=1)
+
+
 class FaceAnalyzer:
     """Runs the detector, cuts every face once per crop spec, estimates all faces in one batch.
 
     `detect` and `estimate` are separate so that the pipeline can estimate only the
-    faces whose tracks still need it.
+    faces whose tracks still need it. `checker`, a second detector, gives a second opinion
+    on faces (`face_likeness`); without one every face counts as a face.
     """
 
-    def __init__(self, detector: Detector, estimator: Estimator) -> None:
+    def __init__(
+        self, detector: Detector, estimator: Estimator, checker: Detector | None = None
+    ) -> None:
         self.detector = detector
         self.estimator = estimator
+        self.checker = checker
+
+    def face_likeness(self, image_rgb: np.ndarray, faces: Faces) -> np.ndarray:
+        """(n,) float32: the checker's score for a face at the centre of a crop around each
+        face (0: it sees none there); 1 for every face without a checker."""
+        if self.checker is None:
+            return np.ones(len(faces), np.float32)
+        crops = box_crops(image_rgb, faces.xyxy, FACE_CHECK_SIZE, FACE_CHECK_MARGIN)
+        scores = np.zeros(len(faces), np.float32)
+        middle = FACE_CHECK_SIZE / 2
+        for i, crop in enumerate(crops):
+            found = self.checker.detect(crop)
+            centres = (found.xyxy[:, :2] + found.xyxy[:, 2:]) / 2
+            central = np.all(np.abs(centres - middle) < FACE_CHECK_SIZE / 4, axis=1)
+            scores[i] = found.score[central].max(initial=0.0)
+        return scores
 
     def detect(self, image_bgr: np.ndarray, timings: dict[str, float]) -> tuple[np.ndarray, Faces]:
         """The frame as RGB (what detector and estimators take) and its faces."""

@@ -4,6 +4,7 @@ when the file is loaded, and unknown keys are rejected, never ignored."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 from dataclasses import field
 from pathlib import Path
@@ -23,6 +24,14 @@ MAX_THREADS = 128
 
 Positive = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
+
+
+def package_version() -> str:
+    """agestream's installed version ("unknown" when run from a tree that was not installed)."""
+    try:
+        return importlib.metadata.version("agestream")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class ConfigError(ValueError):
@@ -71,7 +80,13 @@ class TrackingConfig:
     iou_threshold: Probability = 0.3
     min_hits: Annotated[int, Field(ge=1)] = 3
     half_life_s: Positive = 10.0
-    gender_flip_log_odds: Positive = 4.0
+    face_check_score: Annotated[float, Field(ge=0, lt=1)] = 0.65
+    reid_s: Annotated[float, Field(ge=0)] = 30.0
+    reid_similarity: Probability = 0.9
+    gender_margin: Annotated[float, Field(gt=0, lt=0.5)] = 0.3
+    gender_keep_margin: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+    gender_min_age: Annotated[float, Field(ge=0)] = 10.0
+    gender_min_evidence: Annotated[float, Field(ge=0)] = 0.1
     settled_age_uncertainty: Positive = 2.0
     reestimate_every: Annotated[int, Field(ge=1)] = 15
     better_view_ratio: Annotated[float, Field(ge=1)] = 1.25

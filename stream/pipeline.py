@@ -24,11 +24,11 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
-from detectors import create_detector
+from detectors import Detector, create_detector
 from estimators import create_estimator
-from stream.analyzer import FaceAnalyzer
+from stream.analyzer import FACE_CHECK_SIZE, FaceAnalyzer, detector_config_for_checks
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
-from stream.config import Config, OutputConfig
+from stream.config import Config, OutputConfig, package_version
 from stream.outputs import check_output_paths
 from stream.overlay import HudStats, annotate, font_scale
 from stream.processor import Detected, FrameProcessor
@@ -129,6 +129,22 @@ def event_record(event: SourceEvent, start: float | None) -> dict:
     if event.down_s is not None:
         record["down_ms"] = round(event.down_s * 1000.0, 1)
     return record
+
+
+def start_record(info: SourceInfo, file_path: Path | None, estimator: str) -> dict:
+    """The JSON-lines file's first record: what was run on what (`agestream report` finds the
+    video for its snapshots here)."""
+    return {
+        "event": "start",
+        "t_ms": 0.0,
+        "source": str(file_path.resolve()) if file_path is not None else info.source_id,
+        "width": info.width,
+        "height": info.height,
+        "fps": round(info.fps, 3),
+        "is_file": info.is_file,
+        "estimator": estimator,
+        "agestream": package_version(),
+    }
 
 
 # Called on the calling thread with each result and time.monotonic() when its
@@ -350,6 +366,15 @@ def _ignore_interrupts_while_finishing() -> None:
         signal.signal(signum, finishing)
 
 
+def _face_checker(config: Config, stack: ExitStack) -> Detector | None:
+    """The second detector that confirms new tracks are faces, or None when
+    `tracking.face_check_score` is 0."""
+    if not config.tracking.face_check_score:
+        return None
+    settings = detector_config_for_checks(config.detector)
+    return stack.enter_context(create_detector(settings, FACE_CHECK_SIZE, config.models_dir))
+
+
 def _snapshots(output: OutputConfig, info: SourceInfo) -> Snapshots:
     """Snapshots go beside the run's first output file, else into the current folder, named
     after the source."""
@@ -450,9 +475,14 @@ def run(
         detector = stack.enter_context(
             create_detector(config.detector, info.width, config.models_dir)
         )
-        analyzer = FaceAnalyzer(detector, create_estimator(config.estimator, config.models_dir))
+        analyzer = FaceAnalyzer(
+            detector,
+            create_estimator(config.estimator, config.models_dir),
+            _face_checker(config, stack),
+        )
         processor = FrameProcessor(analyzer, config.tracking, info.fps)
         outputs = RunOutputs(config.output, info.width, info.height, info.fps)
+        outputs.write_event(start_record(info, source.file_path, config.estimator.name))
         # Reported after the outputs close (callbacks unwind last-in first-out), so that a
         # file whose finishing failed is not reported as written.
         stack.callback(lambda: summary.outputs.extend(outputs.report()))

@@ -1,4 +1,5 @@
-"""One frame's work with memory: detect → track → estimate the faces that need it → smooth."""
+"""One frame's work with memory: detect → track (confirmed by a second look) → identify the
+person → estimate the faces that need it → smooth."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream.analyzer import FaceAnalyzer
+from stream.appearance import Identities
 from stream.config import TrackingConfig
 from stream.smoothing import TrackSmoother, view_quality
 from stream.tracking import Tracker
@@ -42,12 +44,16 @@ def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
 
 
 class FrameProcessor:
-    """Owns the tracker and the smoothing state of one source; not thread-safe by design:
-    one processing thread calls it, so it needs no locks."""
+    """Owns the tracker, the identities and the smoothing state of one source; not
+    thread-safe by design: one processing thread calls it, so it needs no locks."""
 
     def __init__(self, analyzer: FaceAnalyzer, tracking: TrackingConfig, fps: float) -> None:
         self.analyzer = analyzer
-        self.tracker = Tracker(fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits)
+        self.tracker = Tracker(
+            fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits,
+            tracking.face_check_score,
+        )  # fmt: skip
+        self.identities = Identities(tracking.reid_s, tracking.reid_similarity)
         self.smoother = TrackSmoother(tracking, fps)
         self.faces_estimated = 0
 
@@ -62,16 +68,24 @@ class FrameProcessor:
             return Detected(frame, None, None, timings, error)
 
     def process_detected(self, detected: Detected, t_ms: float) -> tuple[FrameResult, list[int]]:
-        """Track, estimate the faces that need it, smooth; also the IDs of the tracks that
-        ended with this frame. Raises the detection's error."""
+        """Track, identify, estimate the faces that need it, smooth; also the people whose
+        records are complete with this frame (gone for longer than re-identification waits).
+        Raises the detection's error."""
         if detected.error is not None:
             raise detected.error
         frame, faces, timings = detected.frame, detected.faces, dict(detected.timings)
         started = time.perf_counter()
-        update = self.tracker.update(faces)
-        quality = view_quality(frame.image, faces)
+        update = self.tracker.update(
+            faces, lambda pending: self.analyzer.face_likeness(detected.image_rgb, pending)
+        )
+        gone = self.identities.end(self.smoother.end(update.ended), t_ms / 1000.0)
         self.smoother.observe(update.track_ids)
-        self.smoother.end(update.ended)
+        people = self.identities.update(
+            frame.image, faces.xyxy, update.track_ids, update.confirmed, frame.index
+        )
+        for track_id, earlier in people.returned:
+            self.smoother.merge(track_id, earlier)
+        quality = view_quality(frame.image, faces)
         wanted = self.smoother.needs_estimate(
             update.track_ids, update.confirmed, quality, frame.index
         )
@@ -85,17 +99,18 @@ class FrameProcessor:
             frame=frame,
             faces=faces,
             estimates=_scatter(estimates, wanted),
-            track_ids=update.track_ids,
+            track_ids=people.person_ids,
             smoothed=self.smoother.smoothed(update.track_ids),
             estimated=wanted,
             quality=quality,
+            confirmed=update.confirmed,
             t_ms=t_ms,
             timings_ms=timings,
         )
-        return result, list(update.ended)
+        return result, gone
 
     def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[int]]:
-        """The frame's result and the IDs of the tracks that ended with it."""
+        """The frame's result and the people whose records are complete with it."""
         return self.process_detected(self.detect(frame), t_ms)
 
     def skipped(self, frame: Frame, t_ms: float, error: Exception) -> FrameResult:

@@ -20,6 +20,7 @@ import numpy as np
 
 from stream.config import OutputConfig
 from stream.outputs import OutputError, PartialFile
+from stream.overlay import face_label_state
 from stream.track_report import TrackLedger, TrackSummary
 from stream.types import FrameResult
 
@@ -146,29 +147,30 @@ def _number(value: float, digits: int) -> float | None:
 
 def frame_record(result: FrameResult) -> dict:
     """The JSON-lines record of one frame: smoothed values where tracking ran, with the
-    frame's raw estimate beside them (null where the face was not estimated this frame)."""
-    raw, smoothed = result.estimates, result.smoothed
+    frame's raw estimate beside them (null where the face was not estimated this frame). A
+    face whose track is not confirmed has no track, age or gender: it is not shown either."""
+    raw = result.estimates
     faces = []
     for i, (box, score) in enumerate(zip(result.faces.xyxy, result.faces.score)):
-        if smoothed is None:
-            age, p_male, is_male = raw.age[i], raw.p_male[i], raw.p_male[i] >= 0.5
-        else:
-            age, p_male, is_male = smoothed.age[i], smoothed.p_male[i], smoothed.is_male[i]
+        shown = result.confirmed is None or bool(result.confirmed[i])
+        age, p_male, gender = face_label_state(result, i) if shown else (math.nan,) * 2 + (None,)
         face = {
             "box": [round(float(v), 1) for v in box],
             "score": round(float(score), 4),
+            "track": int(result.track_ids[i]) if result.track_ids is not None and shown else None,
             "age": _number(age, 2),
-            # Age-only estimators predict no gender: p_male is NaN, gender null.
-            "gender": None if math.isnan(p_male) else ("male" if is_male else "female"),
+            "gender": gender,
             "p_male": _number(p_male, 4),
-            "track": None if result.track_ids is None else int(result.track_ids[i]),
         }
-        if smoothed is not None:
-            face["age_uncertainty"] = _number(smoothed.age_uncertainty[i], 2)
+        if result.smoothed is not None:
+            uncertainty = result.smoothed.age_uncertainty[i] if shown else math.nan
+            face["age_uncertainty"] = _number(uncertainty, 2)
             face["age_raw"] = _number(raw.age[i], 2)
             face["p_male_raw"] = _number(raw.p_male[i], 4)
             # The spread of this frame's age distribution; null for estimators without one.
             face["age_std_raw"] = None if raw.age_std is None else _number(raw.age_std[i], 2)
+        if result.quality is not None:
+            face["quality"] = round(float(result.quality[i]), 4)
         faces.append(face)
     return {"frame": result.frame.index, "t_ms": round(result.t_ms, 3), "faces": faces}
 

@@ -2,19 +2,20 @@
 
 Each estimate counts in proportion to how good the view was (detection score, face
 size, sharpness, frontalness) and how sure the estimator was. Age is a decayed
-weighted mean with a standard error; gender is accumulated log-odds with
-hysteresis, so the label flips only on strong contrary evidence.
+weighted mean with a standard error; gender is the weighted mean log-odds, shown as a
+label only where the evidence is strong (GenderRule), otherwise as unsure.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from stream.config import TrackingConfig
-from stream.types import Estimates, Faces, Smoothed
+from stream.types import FEMALE, MALE, NO_GENDER, UNSURE, Estimates, Faces, Smoothed
 
 # Faces this wide (px) or wider count as full size for quality.
 FULL_QUALITY_FACE_PX = 96.0
@@ -24,6 +25,9 @@ HALF_SHARPNESS_VARIANCE = 60.0
 AGE_STD_HALF = 5.0
 # p_male is clipped before the logit so one overconfident frame cannot decide a track.
 P_CLIP = 0.02
+# Gender evidence (summed view weights, about ten good views) after which a track that is
+# still unsure is so for its own reasons, and is re-estimated only on the settled schedule.
+SETTLED_GENDER_EVIDENCE = 1.0
 
 
 def sharpness(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
@@ -73,20 +77,52 @@ def estimate_confidence(estimates: Estimates) -> np.ndarray:
     return np.where(np.isfinite(confidence), confidence, 0.5).astype(np.float32)
 
 
-class TrackState:
-    """Evidence accumulated for one track; forgotten when the track ends."""
+@dataclass(frozen=True)
+class GenderRule:
+    """When a track's gender is shown, from the `tracking` config (see config.yaml)."""
 
-    def __init__(self, track_id: int, flip_log_odds: float) -> None:
+    margin: float
+    keep_margin: float
+    min_age: float
+    min_evidence: float
+
+    @classmethod
+    def from_config(cls, settings: TrackingConfig) -> GenderRule:
+        return cls(
+            settings.gender_margin,
+            settings.gender_keep_margin,
+            settings.gender_min_age,
+            settings.gender_min_evidence,
+        )
+
+    def label(self, p_male: float, age: float, evidence: float, shown: int) -> int:
+        """The label state for a track's smoothed `p_male`, its `age`, the weight of its
+        gender evidence and the label `shown` so far: MALE or FEMALE once p_male is at least
+        `margin` from 0.5 and kept until it comes within `keep_margin` (no flicker at the
+        edge); UNSURE for children (faces show gender weakly before puberty), for too little
+        evidence, and in between. MALE therefore always has p_male > 0.5."""
+        if math.isnan(p_male):
+            return NO_GENDER
+        if evidence < self.min_evidence or (math.isfinite(age) and age < self.min_age):
+            return UNSURE
+        call = MALE if p_male > 0.5 else FEMALE
+        needed = self.keep_margin if shown == call else self.margin
+        return call if abs(p_male - 0.5) >= needed else UNSURE
+
+
+class TrackState:
+    """Evidence accumulated for one track; merged into a returning person's new track."""
+
+    def __init__(self, track_id: int, rule: GenderRule) -> None:
         self.track_id = track_id
-        self.flip_log_odds = flip_log_odds
+        self.rule = rule
         self.best_quality = 0.0
         self.last_estimated_frame = -1
         # Decayed sums: age weights, their squares, weighted ages and their squares; gender
-        # weights and the weighted log-odds of male (the gender evidence, which grows with
-        # consistent views).
+        # weights and the weighted log-odds of male.
         self.w = self.w2 = self.wx = self.wxx = 0.0
         self.w_gender = self.logit_evidence = 0.0
-        self.is_male: bool | None = None
+        self.gender = UNSURE
 
     def add_estimate(self, age: float, p_male: float, weight: float, decay: float) -> None:
         """Fold in one estimate; NaN stands for what the estimator does not predict."""
@@ -95,18 +131,22 @@ class TrackState:
             self.w2 = decay**2 * self.w2 + weight**2
             self.wx = decay * self.wx + weight * age
             self.wxx = decay * self.wxx + weight * age * age
-        if not math.isfinite(p_male):
-            return
-        p = min(max(p_male, P_CLIP), 1 - P_CLIP)
-        logit = math.log(p / (1 - p))
-        self.w_gender = decay * self.w_gender + weight
-        self.logit_evidence = decay * self.logit_evidence + weight * logit
-        if self.is_male is None:
-            self.is_male = logit >= 0
-        elif self.is_male and self.logit_evidence < -self.flip_log_odds:
-            self.is_male = False
-        elif not self.is_male and self.logit_evidence > self.flip_log_odds:
-            self.is_male = True
+        if math.isfinite(p_male):
+            p = min(max(p_male, P_CLIP), 1 - P_CLIP)
+            self.w_gender = decay * self.w_gender + weight
+            self.logit_evidence = decay * self.logit_evidence + weight * math.log(p / (1 - p))
+        self._relabel()
+
+    def merge(self, earlier: TrackState) -> None:
+        """Take in the evidence of the same person's earlier track (re-identified)."""
+        for name in ("w", "w2", "wx", "wxx", "w_gender", "logit_evidence"):
+            setattr(self, name, getattr(self, name) + getattr(earlier, name))
+        self.best_quality = max(self.best_quality, earlier.best_quality)
+        self.gender = earlier.gender
+        self._relabel()
+
+    def _relabel(self) -> None:
+        self.gender = self.rule.label(self.p_male, self.age, self.w_gender, self.gender)
 
     @property
     def has_estimate(self) -> bool:
@@ -114,8 +154,9 @@ class TrackState:
 
     @property
     def gender_settled(self) -> bool:
-        """Decided gender, or no gender model at all (nothing to wait for)."""
-        return self.w_gender == 0 or abs(self.logit_evidence) >= self.flip_log_odds
+        """A label shown, no gender model at all, or evidence enough that an unsure label is
+        the face's own ambiguity: nothing more to wait for."""
+        return self.gender != UNSURE or self.w_gender >= SETTLED_GENDER_EVIDENCE
 
     @property
     def age(self) -> float:
@@ -150,24 +191,29 @@ class TrackSmoother:
     def __init__(self, settings: TrackingConfig, fps: float) -> None:
         self.settings = settings
         self._decay = 0.5 ** (1.0 / max(settings.half_life_s * fps, 1.0))
+        self._rule = GenderRule.from_config(settings)
         self._states: dict[int, TrackState] = {}
 
     def observe(self, track_ids: np.ndarray) -> None:
         """Start the state of tracks seen for the first time."""
         for track_id in track_ids.tolist():
             if track_id not in self._states:
-                self._states[track_id] = TrackState(track_id, self.settings.gender_flip_log_odds)
+                self._states[track_id] = TrackState(track_id, self._rule)
 
     def needs_estimate(
         self, track_ids: np.ndarray, confirmed: np.ndarray, quality: np.ndarray, frame: int
     ) -> np.ndarray:
-        """(n,) bool: estimate new, unconfirmed and unsettled tracks every frame; settled
-        ones every `reestimate_every` frames or when the view beats the best so far."""
+        """(n,) bool: nothing for tracks not yet confirmed (they are not shown, and most
+        false detections never confirm); new and unsettled tracks every frame; settled ones
+        every `reestimate_every` frames or when the view beats the best so far."""
         settings = self.settings
-        wanted = np.ones(len(track_ids), bool)
+        wanted = np.zeros(len(track_ids), bool)
         for i, (track_id, q) in enumerate(zip(track_ids.tolist(), quality.tolist())):
             state = self._states.get(track_id)
-            if state is None or not confirmed[i] or not state.has_estimate:
+            if not confirmed[i]:
+                continue
+            if state is None or not state.has_estimate:
+                wanted[i] = True
                 continue
             age_settled = state.w == 0 or state.age_uncertainty <= settings.settled_age_uncertainty
             settled = age_settled and state.gender_settled
@@ -205,10 +251,14 @@ class TrackSmoother:
             age=np.array([s.age for s in states], np.float32),
             age_uncertainty=np.array([s.age_uncertainty for s in states], np.float32),
             p_male=np.array([s.p_male for s in states], np.float32),
-            is_male=np.array([bool(s.is_male) for s in states], bool),
+            gender=np.array([s.gender for s in states], np.int8),
         )
 
-    def end(self, track_ids: tuple[int, ...] | list[int]) -> None:
-        """Forget ended tracks."""
-        for track_id in track_ids:
-            self._states.pop(track_id, None)
+    def merge(self, track_id: int, earlier: TrackState) -> None:
+        """Continue `earlier` (an ended track of the same person) in `track_id`."""
+        self._states[track_id].merge(earlier)
+
+    def end(self, track_ids: tuple[int, ...] | list[int]) -> dict[int, TrackState]:
+        """Forget ended tracks; their states are returned (a returning person's track takes
+        them over)."""
+        return {t: self._states.pop(t) for t in track_ids if t in self._states}

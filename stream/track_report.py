@@ -1,11 +1,11 @@
-"""Per-track summaries built from the frames a run wrote: the rows of the tracks CSV."""
+"""Per-person summaries built from the frames a run wrote: the rows of the tracks CSV."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from stream.types import FrameResult
+from stream.types import GENDER_NAMES, FrameResult
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class TrackLedger:
             return
         smoothed = result.smoothed
         for i, track_id in enumerate(result.track_ids.tolist()):
+            if result.confirmed is not None and not result.confirmed[i]:
+                continue  # not shown, so not a person of the run's outputs
             entry = self._entries.setdefault(track_id, _Entry(result.frame.index, result.t_ms))
             entry.last_frame, entry.last_t_ms = result.frame.index, result.t_ms
             entry.frames_seen += 1
@@ -62,8 +64,7 @@ class TrackLedger:
             entry.age = float(smoothed.age[i])
             entry.age_uncertainty = float(smoothed.age_uncertainty[i])
             entry.p_male = float(smoothed.p_male[i])
-            known = math.isfinite(entry.p_male)
-            entry.gender = ("male" if smoothed.is_male[i] else "female") if known else ""
+            entry.gender = GENDER_NAMES[smoothed.gender[i]] or ""
 
     def end(self, track_ids: list[int]) -> list[TrackSummary]:
         """Summaries of the tracks that ended (those seen in written frames), forgotten now."""

@@ -8,11 +8,15 @@ maintained libraries on the shared clips.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from stream.types import Faces
+
+# Second-look scores averaged to confirm a track: a third of a second at 30 FPS.
+LIKENESS_WINDOW = 10
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -32,6 +36,9 @@ class _Track:
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4, np.float32))
     hits: int = 1
     missed: int = 0
+    # The latest second-look face scores, at most LIKENESS_WINDOW of them.
+    likeness: list[float] = field(default_factory=list)
+    confirmed: bool = False
 
     def predicted(self) -> np.ndarray:
         return self.box + self.velocity * (self.missed + 1)
@@ -43,7 +50,8 @@ class TrackUpdate:
 
     Attributes:
         track_ids: (n,) int64 id per face of the frame, in the faces' order.
-        confirmed: (n,) bool, True once a track has been seen `min_hits` times.
+        confirmed: (n,) bool, True once a track has been seen `min_hits` times and passed
+            its face checks; never False again for that track.
         ended: ids of tracks that went unseen for longer than the lifetime.
     """
 
@@ -62,10 +70,18 @@ class Tracker:
         lifetime_s: how long a track survives without a detection.
         iou_threshold: least IoU between a track's predicted box and a detection to match.
         min_hits: detections before a track counts as confirmed.
+        face_check_score: least mean face likeness (see `update`) over a track's latest
+            LIKENESS_WINDOW detections to confirm it (0: no check): an average, so that a
+            lucky score now and then does not confirm a lasting false detection.
     """
 
     def __init__(
-        self, fps: float, lifetime_s: float = 1.0, iou_threshold: float = 0.3, min_hits: int = 3
+        self,
+        fps: float,
+        lifetime_s: float = 1.0,
+        iou_threshold: float = 0.3,
+        min_hits: int = 3,
+        face_check_score: float = 0.0,
     ) -> None:
         if fps <= 0:
             raise ValueError(f"fps must be > 0, but got {fps}")
@@ -75,18 +91,43 @@ class Tracker:
             raise ValueError(f"iou_threshold must be in (0, 1), but got {iou_threshold}")
         if min_hits < 1:
             raise ValueError(f"min_hits must be >= 1, but got {min_hits}")
+        if not 0 <= face_check_score < 1:
+            raise ValueError(f"face_check_score must be in [0, 1), but got {face_check_score}")
+        self.face_check_score = face_check_score
         self.max_missed = max(1, round(lifetime_s * fps))
         self.iou_threshold = iou_threshold
         self.min_hits = min_hits
         self._tracks: list[_Track] = []
         self._next_id = 1
 
-    def update(self, faces: Faces) -> TrackUpdate:
+    def update(
+        self, faces: Faces, face_likeness: Callable[[Faces], np.ndarray] | None = None
+    ) -> TrackUpdate:
+        """Match the frame's faces to tracks. `face_likeness` takes the faces of tracks not
+        yet confirmed and scores (0..1) how much each looks like a face on a second look;
+        it is called only when `face_check_score` is set."""
         boxes = faces.xyxy.astype(np.float32)
-        ids = np.zeros(len(boxes), np.int64)
-        confirmed = np.zeros(len(boxes), bool)
+        tracks_of_faces, ended = self._match(boxes)
+        pending = np.array([not track.confirmed for track in tracks_of_faces], bool)
+        likeness = np.ones(len(boxes), np.float32)
+        if face_likeness is not None and self.face_check_score > 0 and pending.any():
+            likeness[pending] = face_likeness(faces[pending])
+        for track, score in zip(tracks_of_faces, likeness.tolist()):
+            if not track.confirmed:
+                track.likeness = (track.likeness + [score])[-LIKENESS_WINDOW:]
+                track.confirmed = track.hits >= self.min_hits and (
+                    sum(track.likeness) / len(track.likeness) >= self.face_check_score
+                )
+        return TrackUpdate(
+            np.array([track.track_id for track in tracks_of_faces], np.int64),
+            np.array([track.confirmed for track in tracks_of_faces], bool),
+            ended,
+        )
+
+    def _match(self, boxes: np.ndarray) -> tuple[list[_Track], tuple[int, ...]]:
+        """Each box's track (continued or new) and the ids of the tracks that ended."""
+        of_face: list[_Track | None] = [None] * len(boxes)
         matched_tracks: set[int] = set()
-        matched_faces: set[int] = set()
         if self._tracks and len(boxes):
             predicted = np.stack([track.predicted() for track in self._tracks])
             overlaps = iou_matrix(predicted, boxes)
@@ -94,17 +135,15 @@ class Tracker:
                 t, f = np.unravel_index(flat, overlaps.shape)
                 if overlaps[t, f] < self.iou_threshold:
                     break
-                if t in matched_tracks or f in matched_faces:
+                if t in matched_tracks or of_face[f] is not None:
                     continue
                 matched_tracks.add(int(t))
-                matched_faces.add(int(f))
-                track = self._tracks[t]
+                track = of_face[f] = self._tracks[t]
                 # Damped velocity: enough to follow a walking person, not to overshoot on jitter.
                 step = (boxes[f] - track.box) / (track.missed + 1)
                 track.velocity = 0.5 * track.velocity + 0.5 * step
                 track.box, track.missed = boxes[f], 0
                 track.hits += 1
-                ids[f], confirmed[f] = track.track_id, track.hits >= self.min_hits
         ended = []
         survivors = []
         for index, track in enumerate(self._tracks):
@@ -114,10 +153,10 @@ class Tracker:
                     ended.append(track.track_id)
                     continue
             survivors.append(track)
-        for f in range(len(boxes)):
-            if f not in matched_faces:
-                survivors.append(_Track(self._next_id, boxes[f]))
-                ids[f], confirmed[f] = self._next_id, self.min_hits <= 1
+        for f, track in enumerate(of_face):
+            if track is None:
+                track = of_face[f] = _Track(self._next_id, boxes[f])
                 self._next_id += 1
+                survivors.append(track)
         self._tracks = survivors
-        return TrackUpdate(ids, confirmed, tuple(ended))
+        return of_face, tuple(ended)

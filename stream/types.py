@@ -136,6 +136,11 @@ class Estimates:
         return len(self.age)
 
 
+# Codes of Smoothed.gender: the one label state every output shows.
+FEMALE, MALE, UNSURE, NO_GENDER = 0, 1, 2, 3
+GENDER_NAMES = {FEMALE: "female", MALE: "male", UNSURE: "unsure", NO_GENDER: None}
+
+
 @dataclass(frozen=True)
 class Smoothed:
     """Per-track smoothed estimates for the faces of one frame, as column arrays.
@@ -144,18 +149,20 @@ class Smoothed:
         age: (n,) years.
         age_uncertainty: (n,) standard error in years (inf until there are two estimates).
         p_male: (n,) from the weighted mean log-odds.
-        is_male: (n,) the displayed label, which flips only on strong evidence.
+        gender: (n,) int8 label state: FEMALE, MALE, UNSURE (too little or too weak
+            evidence to say) or NO_GENDER (the estimator predicts none). A MALE label always
+            has p_male > 0.5 and a FEMALE one p_male < 0.5.
     """
 
     age: np.ndarray
     age_uncertainty: np.ndarray
     p_male: np.ndarray
-    is_male: np.ndarray
+    gender: np.ndarray
 
     def __post_init__(self) -> None:
         check_shape("Smoothed.age", self.age, (None,))
         n = len(self.age)
-        for name in ("age_uncertainty", "p_male", "is_male"):
+        for name in ("age_uncertainty", "p_male", "gender"):
             check_shape(f"Smoothed.{name}", getattr(self, name), (n,))
 
 
@@ -165,7 +172,9 @@ class FrameResult:
 
     `estimates` are this frame's raw estimates, NaN for faces that were not
     estimated (see `estimated`); `smoothed` are the per-track values shown; `quality`
-    is each face's view quality (stream.smoothing.view_quality).
+    is each face's view quality (stream.smoothing.view_quality). `track_ids` are the
+    people's identities; `confirmed` is False for faces whose track is not yet confirmed
+    (too few detections, or not yet a face to a second look): they get no label.
     """
 
     frame: Frame
@@ -175,6 +184,7 @@ class FrameResult:
     smoothed: Smoothed | None = None
     estimated: np.ndarray | None = None
     quality: np.ndarray | None = None
+    confirmed: np.ndarray | None = None
     t_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -196,3 +206,5 @@ class FrameResult:
             check_shape("FrameResult.estimated", self.estimated, (n,))
         if self.quality is not None:
             check_shape("FrameResult.quality", self.quality, (n,))
+        if self.confirmed is not None:
+            check_shape("FrameResult.confirmed", self.confirmed, (n,))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -28,3 +31,56 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs shared test data at {path} (../shared beside the checkout)")
     return path
+
+
+def frame_records(path: Path) -> list[dict]:
+    """A run's JSON-lines frame records (not its start or source-event records)."""
+    records = (json.loads(line) for line in path.read_text().splitlines())
+    return [record for record in records if "frame" in record]
+
+
+def run_json_lines(
+    clip: Path, out: Path, config: Path | None = None, timeout: float = 300
+) -> list[dict]:
+    """`agestream run CLIP --no-window --json OUT` (with `config` if given); its records."""
+    command = [sys.executable, "-m", "stream", "run", str(clip), "--no-window", "--json", str(out)]
+    if config is not None:
+        command += ["--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def face_records(records: list[dict]) -> list[tuple[float, dict]]:
+    """(t_ms, face) for every face of every frame record."""
+    return [(r["t_ms"], face) for r in records if "faces" in r for face in r["faces"]]
+
+
+@pytest.fixture(scope="session")
+def made_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Clips built from the shared ones (tests/clips.py): four people at once in a grid, one
+    person who leaves for 3 s and comes back, and 49 s of footage with no face."""
+    from tests.clips import grid_clip, leave_and_return_clip, no_face_clip
+
+    for name in ("livePortrait__driving__d3.mp4", "livePortrait__source__s32.mp4"):
+        require(VIDEOS / name)
+    folder = tmp_path_factory.mktemp("clips")
+    grid = [VIDEOS / f"livePortrait__{n}.mp4" for n in ("driving__d3", "source__s32")]
+    grid += [VIDEOS / "livePortrait__driving__d19.mp4", HAMILTON]
+    return {
+        "grid": grid_clip(grid, folder / "grid.mp4"),
+        "leave_return": leave_and_return_clip(
+            VIDEOS / "livePortrait__driving__d19.mp4", folder / "leave_return.mp4"
+        ),
+        "no_face": no_face_clip(sorted(VIDEOS.glob("*.mp4")), folder / "no_face.mp4"),
+    }
+
+
+@pytest.fixture(scope="session")
+def clip_runs(
+    tmp_path_factory: pytest.TempPathFactory, made_clips: dict[str, Path]
+) -> dict[str, list[dict]]:
+    """Every shared clip's and made clip's run, as JSON-lines records, by clip name."""
+    folder = tmp_path_factory.mktemp("runs")
+    clips = {path.stem: path for path in sorted(VIDEOS.glob("*.mp4"))} | made_clips
+    return {name: run_json_lines(clip, folder / f"{name}.jsonl") for name, clip in clips.items()}

@@ -3,7 +3,6 @@ logged skips or handled frames, and nothing hangs."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import HAMILTON, require
+from tests.conftest import HAMILTON, frame_records, require
 
 TIMEOUT_S = 90
 
@@ -236,11 +235,12 @@ def test_given_awkward_frames_when_run_then_every_frame_is_written(
     )
 
     assert done.returncode == 0, done.stderr
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = frame_records(jsonl)
     assert [record["frame"] for record in records] == list(range(frames))
     assert sum(len(record["faces"]) for record in records) >= min_faces
     for face in (face for record in records for face in record["faces"]):
-        assert 0 <= face["age"] <= 100 and face["gender"] in ("male", "female")
+        if face["track"] is not None:
+            assert 0 <= face["age"] <= 100 and face["gender"] in ("male", "female", "unsure")
     assert "frames skipped after errors" not in done.stderr
     assert f"{frames} frames in " in done.stderr
 

@@ -25,7 +25,14 @@ import numpy as np
 import pytest
 
 from stream.outputs import partial_path
-from tests.conftest import HAMILTON, UTKFACE, VIDEOS, decoded_frame_count, require
+from tests.conftest import (
+    HAMILTON,
+    UTKFACE,
+    VIDEOS,
+    decoded_frame_count,
+    frame_records,
+    require,
+)
 
 S32 = VIDEOS / "livePortrait__source__s32.mp4"  # 180 frames, 1280x720, 30 FPS, one face
 RUN_TIMEOUT_S = 240
@@ -142,7 +149,7 @@ def test_given_full_disk_when_writing_then_run_fails_naming_file_and_keeps_whole
     else:
         lines = kept.read_text().split("\n")
         assert lines[-1] == "" and len(lines) > 10  # whole lines only
-        assert all(json.loads(line)["frame"] >= 0 for line in lines[:-1])
+        assert all(json.loads(line)["t_ms"] >= 0 for line in lines[:-1])
 
 
 # Case 3: SIGKILL mid-run leaves a playable video and valid JSON lines up to the kill.
@@ -183,7 +190,7 @@ def test_given_run_writing_outputs_when_second_run_targets_them_then_refused(
     (line,) = error_lines(second.stderr)
     assert "being written by another agestream run" in line
     assert first.returncode == 130, first_stderr
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = frame_records(jsonl)
     assert [record["frame"] for record in records] == list(range(len(records)))
 
 
@@ -195,11 +202,12 @@ def test_given_max_frames_then_tracks_csv_counts_the_frames_written(tmp_path: Pa
         "--tracks", str(tracks), "--json", str(jsonl),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = frame_records(jsonl)
     seen: dict[int, int] = {}
     for record in records:
         for face in record["faces"]:
-            seen[face["track"]] = seen.get(face["track"], 0) + 1
+            if face["track"] is not None:  # unconfirmed faces are no one's yet
+                seen[face["track"]] = seen.get(face["track"], 0) + 1
     with tracks.open() as file:
         rows = {int(row["track_id"]): int(row["frames_seen"]) for row in csv.DictReader(file)}
     assert len(records) == 20 and rows == seen and seen
@@ -217,7 +225,7 @@ def test_given_corrupt_middle_when_run_then_bad_frames_skipped_and_rest_read(
     jsonl = tmp_path / "c.jsonl"
     result = agestream("run", str(corrupt), "--no-window", "--json", str(jsonl))
     assert result.returncode == 0, result.stderr
-    times_ms = [json.loads(line)["t_ms"] for line in jsonl.read_text().splitlines()]
+    times_ms = [record["t_ms"] for record in frame_records(jsonl)]
     skipped = int(result.stderr.split(" undecodable frames skipped")[0].rsplit(", ", 1)[1])
     assert skipped > 0 and len(times_ms) + skipped == 180
     assert max(times_ms) == pytest.approx(179 * 1000 / 30, abs=1)  # read on to the end
@@ -243,7 +251,7 @@ def test_given_vfr_file_when_run_then_t_ms_are_the_container_times(tmp_path: Pat
     jsonl = tmp_path / "v.jsonl"
     result = agestream("run", str(vfr), "--no-window", "--json", str(jsonl))
     assert result.returncode == 0, result.stderr
-    got = [json.loads(line)["t_ms"] for line in jsonl.read_text().splitlines()]
+    got = [record["t_ms"] for record in frame_records(jsonl)]
     assert np.allclose(got, times_ms, atol=2)
 
 
@@ -294,7 +302,7 @@ def test_given_http_url_of_a_file_when_run_then_it_ends_with_the_file(
         "run", f"{http_root}/s32.mp4", "--no-window", "--json", str(jsonl), timeout=120
     )
     assert result.returncode == 0, result.stderr
-    frames = [json.loads(line)["frame"] for line in jsonl.read_text().splitlines()]
+    frames = [record["frame"] for record in frame_records(jsonl)]
     assert frames == list(range(180))
 
 
@@ -343,7 +351,8 @@ def test_given_reports_when_evaluated_then_strict_json_partial_tail_and_named_li
     result = agestream("evaluate-video", str(killed), "--reference", str(empty),
                        "--json", str(report))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert f"{killed}:30" in result.stderr and "partial last line" in result.stderr
+    # The start record, then 30 frames: the cut one is line 31.
+    assert f"{killed}:31" in result.stderr and "partial last line" in result.stderr
     parsed = json.loads(report.read_text(), parse_constant=pytest.fail)
     assert parsed["reference"]["mean_abs_age_diff"] is None
 
@@ -414,5 +423,6 @@ def test_given_two_ctrl_c_mid_run_then_summary_with_wrote_lines(
         process.kill()
     written = jsonl.read_text().count("\n")
     assert process.returncode == 130, stderr
-    assert f": {written} frames in " in stderr and f"wrote {jsonl} ({written} lines)" in stderr
+    assert f": {written - 1} frames in " in stderr, "every line but the start record is a frame"
+    assert f"wrote {jsonl} ({written} lines)" in stderr
     assert "Traceback" not in stderr

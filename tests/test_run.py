@@ -42,11 +42,14 @@ def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_fa
         360,
     )
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(29.97, abs=0.01)
-    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    start, *lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert start["event"] == "start" and start["source"] == str(clip.resolve())
+    assert (start["width"], start["height"], start["estimator"]) == (640, 360, "genderage")
     assert [line["frame"] for line in lines] == list(range(source_frames))
     assert lines[1]["t_ms"] == pytest.approx(1000 / 29.97, abs=0.01)
     faces = [face for line in lines for face in line["faces"]]
     assert len(faces) > source_frames / 2, "the performer is visible in most frames"
+    assert sum(face["track"] is not None for face in faces) > 0.9 * len(faces)
     for face in faces:
         assert set(face) == {
             "box",
@@ -59,14 +62,17 @@ def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_fa
             "age_raw",
             "p_male_raw",
             "age_std_raw",
+            "quality",
         }
-        assert isinstance(face["track"], int)
         x1, y1, x2, y2 = face["box"]
-        assert x1 < x2 and y1 < y2
-        assert 0 <= face["age"] <= 80
-        # The label has hysteresis, so it may lag the smoothed p_male; both must be present.
-        assert face["gender"] in ("female", "male") and 0 <= face["p_male"] <= 1
+        assert x1 < x2 and y1 < y2 and 0 <= face["quality"] <= 1
         assert face["age_raw"] is None or 0 <= face["age_raw"] <= 80
+        if face["track"] is None:  # not confirmed yet: not labelled
+            assert face["age"] is face["gender"] is face["p_male"] is None
+            continue
+        assert isinstance(face["track"], int)
+        assert 0 <= face["age"] <= 80
+        assert face["gender"] in ("female", "male", "unsure") and 0 <= face["p_male"] <= 1
     assert f"{source_frames} frames" in done.stderr
     assert "0 dropped" in done.stderr
 
@@ -76,7 +82,7 @@ def test_given_max_frames_when_run_then_it_stops_there(tmp_path: Path) -> None:
     records = tmp_path / "o.jsonl"
     done = agestream("run", str(clip), "--no-window", "--max-frames", "12", "--json", str(records))
     assert done.returncode == 0, done.stderr
-    assert len(records.read_text().splitlines()) == 12
+    assert len(records.read_text().splitlines()) == 1 + 12, "the start record, then 12 frames"
 
 
 def test_given_a_run_then_opencv_runs_single_threaded_during_it_and_as_before_after() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stream.outputs import partial_path
-from tests.conftest import HAMILTON, decoded_frame_count, require
+from tests.conftest import HAMILTON, decoded_frame_count, frame_records, require
 
 # Within 2 s of the signal the summary is printed (all outputs finalized) and the process
 # has exited. (mediapipe would import TensorFlow, whose teardown alone takes ~1.5 s; the
@@ -96,7 +95,7 @@ def test_given_running_pipeline_when_signalled_then_stops_fast_with_whole_output
     finally:
         process.kill()
 
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = frame_records(jsonl)
     assert stopped.returncode == 130, stopped.stderr
     assert stopped.summary_s < SUMMARY_LIMIT_S
     assert stopped.exit_s < EXIT_LIMIT_S

@@ -1,0 +1,137 @@
+"""People's identities across tracks: a track confirmed soon after another ended, and looking
+like it (colour of hair, face and clothes around the face), continues the same person."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Regions around a face box (x1, y1, x2, y2 in box widths/heights from its top left): the
+# head with the hair above the face, the face, and the upper body below it. Clothes and hair
+# tell people apart over seconds to minutes, which is what re-identification here is for.
+REGIONS = ((-0.2, -0.5, 1.2, 0.25), (0.1, 0.1, 0.9, 0.9), (-0.6, 1.3, 1.6, 2.6))
+HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
+# Every this many frames a confirmed track's look is sampled (histograms cost ~0.1 ms each).
+SAMPLE_EVERY = 5
+
+
+def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
+    """(n, d) float32 unit vectors: per region, the square root of its normalized hue-saturation
+    and value histograms, so that the dot product of two is their Bhattacharyya coefficient
+    averaged over the regions (1: the same colours). A region outside the frame is zeros."""
+    height, width = image_bgr.shape[:2]
+    hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+    size = HUE_BINS * SATURATION_BINS + VALUE_BINS
+    features = np.zeros((len(xyxy), len(REGIONS) * size), np.float32)
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(xyxy, np.float64)):
+        box_w, box_h = x2 - x1, y2 - y1
+        for r, (left, top, right, bottom) in enumerate(REGIONS):
+            cols = slice(max(int(x1 + left * box_w), 0), min(int(x1 + right * box_w), width))
+            rows = slice(max(int(y1 + top * box_h), 0), min(int(y1 + bottom * box_h), height))
+            patch = hsv[rows, cols]
+            if patch.shape[0] < 2 or patch.shape[1] < 2:
+                continue
+            hs = cv2.calcHist([patch], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
+            v = cv2.calcHist([patch], [2], None, [VALUE_BINS], [0, 256])
+            # Brightness says least of the three: it changes with the light.
+            histogram = np.concatenate([0.8 * hs.ravel() / hs.sum(), 0.2 * v.ravel() / v.sum()])
+            features[i, r * size : (r + 1) * size] = np.sqrt(histogram)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-9)
+
+
+@dataclass
+class _Person:
+    person_id: int
+    look: np.ndarray | None = None
+    looks: int = 0
+    # When the person's last track ended (seconds of media time), and what it had learnt.
+    left_s: float | None = None
+    evidence: object = None
+
+    def add_look(self, look: np.ndarray) -> None:
+        self.looks += 1
+        self.look = look if self.look is None else self.look + (look - self.look) / self.looks
+
+
+@dataclass(frozen=True)
+class IdentityUpdate:
+    """One frame's identities.
+
+    Attributes:
+        person_ids: (n,) int64 person per face, 0 where the face's track is not confirmed.
+        returned: (track id, evidence) for each track found this frame to continue a person
+            who had left: the evidence their earlier track left (see `Identities.end`).
+    """
+
+    person_ids: np.ndarray
+    returned: tuple[tuple[int, object], ...]
+
+
+class Identities:
+    """Gives each confirmed track a person id: a new one, or that of a person who left at most
+    `reid_s` ago and whose look matches with at least `similarity`.
+
+    Args:
+        reid_s: how long (media seconds) a person who left can come back as the same person.
+        similarity: least appearance similarity (0..1) to call a new track a returning person.
+    """
+
+    def __init__(self, reid_s: float, similarity: float) -> None:
+        self.reid_s = reid_s
+        self.similarity = similarity
+        self._person_of_track: dict[int, _Person] = {}
+        self._away: list[_Person] = []
+        self._next_id = 1
+
+    def update(
+        self,
+        image_bgr: np.ndarray,
+        xyxy: np.ndarray,
+        track_ids: np.ndarray,
+        confirmed: np.ndarray,
+        frame_index: int,
+    ) -> IdentityUpdate:
+        ids = track_ids.tolist()
+        confirmed_faces = np.flatnonzero(confirmed).tolist()
+        new_faces = [i for i in confirmed_faces if ids[i] not in self._person_of_track]
+        sampled = confirmed_faces if frame_index % SAMPLE_EVERY == 0 else new_faces
+        look_of = dict(zip(sampled, appearance(image_bgr, xyxy[sampled])))
+        returned = []
+        for i in new_faces:
+            person = self._returning(look_of[i])
+            if person is None:
+                person = _Person(self._next_id)
+                self._next_id += 1
+            elif person.evidence is not None:
+                returned.append((ids[i], person.evidence))
+            person.left_s, person.evidence = None, None
+            self._person_of_track[ids[i]] = person
+        person_ids = np.zeros(len(ids), np.int64)
+        for i in confirmed_faces:
+            person = self._person_of_track[ids[i]]
+            if i in look_of:
+                person.add_look(look_of[i])
+            person_ids[i] = person.person_id
+        return IdentityUpdate(person_ids, tuple(returned))
+
+    def _returning(self, look: np.ndarray) -> _Person | None:
+        """The away person who looks most like `look`, if alike enough; no longer away."""
+        scores = [float(look @ p.look) if p.look is not None else -1.0 for p in self._away]
+        if not scores or max(scores) < self.similarity:
+            return None
+        return self._away.pop(int(np.argmax(scores)))
+
+    def end(self, ended: dict[int, object], now_s: float) -> list[int]:
+        """Tracks that ended, with the evidence each had learnt; returns the people who have
+        now been away longer than `reid_s` (their rows can be written)."""
+        for track_id, evidence in ended.items():
+            person = self._person_of_track.pop(track_id, None)
+            if person is not None:
+                person.left_s, person.evidence = now_s, evidence
+                self._away.append(person)
+        gone = [p for p in self._away if now_s - p.left_s > self.reid_s]
+        self._away = [p for p in self._away if now_s - p.left_s <= self.reid_s]
+        return [p.person_id for p in gone]
