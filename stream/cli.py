@@ -1,4 +1,4 @@
-"""`agestream` command line: run, evaluate, evaluate-video, bench, train, models."""
+"""`agestream` command line: run, evaluate, evaluate-video, report, bench, train, models."""
 
 from __future__ import annotations
 
@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="another run's JSON lines of the same clip: compare smoothed labels face by face",
     )
+
+    report = commands.add_parser(
+        "report", help="per-person report of a run's JSON lines: CSV, snapshots, charts, html"
+    )
+    report.add_argument("jsonl", type=Path, help="the run's --json output")
+    report.add_argument(
+        "--output", type=Path, required=True, metavar="DIR", help="new or empty folder to write"
+    )
+    report.add_argument(
+        "--source",
+        type=Path,
+        metavar="VIDEO",
+        help="the run's video file, for face snapshots (default: the file the run names)",
+    )
+    report.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     bench = commands.add_parser(
         "bench", help="per-stage latency, pipeline against a naive loop, live latency"
@@ -229,6 +244,18 @@ def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(config: Config, args: argparse.Namespace) -> int:
+    from stream.people_report import write_people_report
+
+    report = write_people_report(args.jsonl, args.output, args.source)
+    print(
+        f"report: {report.people} people over {report.run.duration_s:.1f} s "
+        f"({report.run.frames} frames), {report.snapshots} snapshots; "
+        f"wrote {report.directory / 'index.html'}"
+    )
+    return 0
+
+
 def _cmd_train(config: Config, args: argparse.Namespace) -> int:
     from estimators.train.config import load_train_config
     from estimators.train.loop import export, train
@@ -281,6 +308,7 @@ COMMANDS = {
     "bench": _cmd_bench,
     "evaluate": _cmd_evaluate,
     "evaluate-video": _cmd_evaluate_video,
+    "report": _cmd_report,
     "train": _cmd_train,
     "models": _cmd_models,
 }

@@ -1,0 +1,514 @@
+"""Per-person report of a run, from its JSON lines: people.csv, face snapshots cut from the
+source video, presence charts, counts.csv and a static index.html."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+
+from stream.flicker import RecordsError, read_records
+from stream.outputs import OutputError, PartialFile
+
+log = logging.getLogger(__name__)
+
+AGE_GROUPS = ("0-9", "10-19", "20-39", "40-59", "60+")
+AGE_GROUP_EDGES = (10, 20, 40, 60)
+GENDERS = ("male", "female", "unsure")
+UNKNOWN = "unknown"
+SNAPSHOT_MARGIN = 1.6  # crop side over the face box's longer side: hair and chin in view
+SNAPSHOT_MIN_PX = 160
+MAX_BINS = 30
+PEOPLE_COLUMNS = (
+    "person", "first_s", "last_s", "duration_s", "age", "age_uncertainty", "age_group",
+    "gender", "p_male", "frames", "views", "best_frame", "best_t_s", "snapshot",
+)  # fmt: skip
+CHARTS = (
+    ("chart-age.png", "People in view by age group"),
+    ("chart-gender.png", "People in view by gender"),
+    ("chart-groups.png", "People per age group and gender"),
+)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the report says about the run as a whole."""
+
+    jsonl: Path
+    source: str | None  # as the run's start event names it (a URL is already redacted)
+    frames: int
+    start_s: float
+    duration_s: float  # each frame stands for one frame period
+
+
+@dataclass(frozen=True)
+class Person:
+    """One track of the run, as people.csv shows it."""
+
+    track: int
+    first_s: float
+    last_s: float
+    duration_s: float
+    age: float | None  # the track's last smoothed age
+    age_uncertainty: float | None
+    gender: str | None  # None for age-only estimators
+    p_male: float | None
+    frames: int
+    views: int  # frames whose face was estimated (age_raw not null)
+    best_frame: int
+    best_t_s: float
+    best_box: tuple[float, float, float, float]
+    seen_s: tuple[float, ...]
+
+    @property
+    def age_group(self) -> str:
+        return (
+            UNKNOWN
+            if self.age is None
+            else AGE_GROUPS[int(np.searchsorted(AGE_GROUP_EDGES, self.age, side="right"))]
+        )
+
+    @property
+    def gender_key(self) -> str:
+        return self.gender if self.gender in GENDERS else UNKNOWN
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Presence over time: per bin, which people were seen in it."""
+
+    start_s: float
+    width_s: float
+    people: tuple[frozenset[int], ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `write_people_report` wrote."""
+
+    directory: Path
+    people: int
+    snapshots: int
+    run: RunInfo
+
+
+def start_event(path: Path) -> dict:
+    """The run's first line when it is a start event (newer runs write one), else {}."""
+    with path.open(encoding="utf-8", errors="replace") as file:
+        try:
+            first = json.loads(file.readline())
+        except json.JSONDecodeError:
+            return {}
+    return first if isinstance(first, dict) and first.get("event") == "start" else {}
+
+
+def _frame_period_s(records: list[dict], start: dict) -> float:
+    fps = start.get("fps")
+    if isinstance(fps, (int, float)) and fps > 0:
+        return 1 / fps
+    times = np.array([record["t_ms"] for record in records], dtype=float)
+    return float(np.median(np.diff(times))) / 1000 if len(times) > 1 else 1 / 30
+
+
+def _view_quality(face: dict) -> float:
+    # Newer runs rate each view (score x size x sharpness x frontalness); older ones only
+    # have the detector's score.
+    quality = face.get("quality")
+    return float(quality if quality is not None else face.get("score") or 0.0)
+
+
+def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Person:
+    """`seen`: (frame record, face) pairs of one track, in frame order."""
+    last = seen[-1][1]
+    best_record, best_face = max(seen, key=lambda pair: _view_quality(pair[1]))
+    known_gender = [face["gender"] for _, face in seen if face.get("gender") is not None]
+    first_s, last_s = seen[0][0]["t_ms"] / 1000, seen[-1][0]["t_ms"] / 1000
+    return Person(
+        track=track,
+        first_s=first_s,
+        last_s=last_s,
+        duration_s=last_s - first_s + period_s,
+        age=last.get("age"),
+        age_uncertainty=last.get("age_uncertainty"),
+        gender=known_gender[-1] if known_gender else None,
+        p_male=last.get("p_male"),
+        frames=len(seen),
+        views=sum(face.get("age_raw") is not None for _, face in seen),
+        best_frame=int(best_record["frame"]),
+        best_t_s=best_record["t_ms"] / 1000,
+        best_box=tuple(float(v) for v in best_face["box"]),
+        seen_s=tuple(record["t_ms"] / 1000 for record, _ in seen),
+    )
+
+
+def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
+    """The run and its people (tracks), sorted by first appearance.
+
+    Raises:
+        FileNotFoundError, RecordsError: one line naming the file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"JSON lines file not found: {path}")
+    records = read_records(path)
+    if not records:
+        raise RecordsError(f"{path}: no frame records; is it the --json output of agestream run?")
+    start = start_event(path)
+    period_s = _frame_period_s(records, start)
+    by_track: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
+    for record in records:
+        for face in record["faces"]:
+            # Unconfirmed tracks (null) may be false detections: not people yet.
+            if face.get("track") is not None:
+                box = face.get("box")
+                if not isinstance(box, list) or len(box) != 4:
+                    raise RecordsError(f"{path}: frame {record['frame']}: a face needs a box")
+                by_track[int(face["track"])].append((record, face))
+    people = [_person(track, seen, period_s) for track, seen in by_track.items()]
+    people.sort(key=lambda person: (person.first_s, person.track))
+    start_s = records[0]["t_ms"] / 1000
+    run = RunInfo(
+        jsonl=path,
+        source=start.get("source") if isinstance(start.get("source"), str) else None,
+        frames=len(records),
+        start_s=start_s,
+        duration_s=records[-1]["t_ms"] / 1000 - start_s + period_s,
+    )
+    return run, people
+
+
+def presence_bins(run: RunInfo, people: list[Person]) -> Bins:
+    """At most `MAX_BINS` bins of at least 1 s; a person counts in every bin they were seen in."""
+    width = max(1.0, run.duration_s / MAX_BINS)
+    count = max(1, math.ceil(run.duration_s / width - 1e-9))
+    members: list[set[int]] = [set() for _ in range(count)]
+    for person in people:
+        for t in person.seen_s:
+            members[min(count - 1, int((t - run.start_s) // width))].add(person.track)
+    return Bins(run.start_s, width, tuple(frozenset(m) for m in members))
+
+
+def _write_bytes(path: Path, data: bytes, what: str) -> None:
+    """Partial file, renamed into place only when whole."""
+    output = PartialFile(path, what)
+    try:
+        output.write(data)
+    except BaseException:
+        output.abandon()
+        raise
+    output.commit()
+
+
+def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def people_rows(people: list[Person], snapshots: dict[int, str]) -> list[list[str]]:
+    """people.csv's rows (the html table shows the same)."""
+    return [
+        [
+            str(p.track),
+            _fmt(p.first_s, 3),
+            _fmt(p.last_s, 3),
+            _fmt(p.duration_s, 3),
+            _fmt(p.age, 1),
+            _fmt(p.age_uncertainty, 1),
+            "" if p.age is None else p.age_group,
+            p.gender or "",
+            _fmt(p.p_male, 3),
+            str(p.frames),
+            str(p.views),
+            str(p.best_frame),
+            _fmt(p.best_t_s, 3),
+            snapshots.get(p.track, ""),
+        ]  # fmt: skip
+        for p in people
+    ]
+
+
+def count_columns() -> list[str]:
+    groups = [f"age_{group}" for group in (*AGE_GROUPS, UNKNOWN)]
+    return ["bin_start_s", "bin_end_s", "people", *groups, *GENDERS, "gender_unknown"]
+
+
+def count_rows(bins: Bins, people: list[Person]) -> list[list[object]]:
+    """counts.csv's rows: per bin, people seen, by age group and by gender."""
+    by_track = {person.track: person for person in people}
+    rows = []
+    for i, members in enumerate(bins.people):
+        seen = [by_track[track] for track in members]
+        groups = [sum(p.age_group == g for p in seen) for g in (*AGE_GROUPS, UNKNOWN)]
+        genders = [sum(p.gender_key == g for p in seen) for g in (*GENDERS, UNKNOWN)]
+        start = bins.start_s + i * bins.width_s
+        rows.append([f"{start:.3f}", f"{start + bins.width_s:.3f}", len(seen), *groups, *genders])
+    return rows
+
+
+def read_frames(source: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    """The wanted frames (0-based decode order, as the JSON lines number them), decoded in
+    one pass: seeking is not frame-exact in every container."""
+    capture = cv2.VideoCapture(str(source))
+    frames: dict[int, np.ndarray] = {}
+    try:
+        index, last = 0, max(wanted, default=-1)
+        while index <= last:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if index in wanted:
+                frames[index] = frame
+            index += 1
+    finally:
+        capture.release()
+    return frames
+
+
+def face_crop(frame: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """A square around the face (`SNAPSHOT_MARGIN` × its longer side, clipped to the frame),
+    enlarged to at least `SNAPSHOT_MIN_PX` so that small faces stay legible."""
+    height, width = frame.shape[:2]
+    x1, y1, x2, y2 = box
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half = max(x2 - x1, y2 - y1, 1.0) * SNAPSHOT_MARGIN / 2
+    left, right = max(0, int(cx - half)), min(width, int(math.ceil(cx + half)))
+    top, bottom = max(0, int(cy - half)), min(height, int(math.ceil(cy + half)))
+    if right - left < 2 or bottom - top < 2:
+        raise ValueError(f"face box {box} lies outside the {width}x{height} frame")
+    crop = frame[top:bottom, left:right]
+    shorter = min(crop.shape[:2])
+    if shorter < SNAPSHOT_MIN_PX:
+        scale = SNAPSHOT_MIN_PX / shorter
+        crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    return crop
+
+
+def write_snapshots(directory: Path, people: list[Person], source: Path) -> dict[int, str]:
+    """snapshots/person-<id>.jpg of each person's best view; the relative paths by track."""
+    frames = read_frames(source, {person.best_frame for person in people})
+    folder = directory / "snapshots"
+    folder.mkdir(exist_ok=True)
+    written = {}
+    for person in people:
+        frame = frames.get(person.best_frame)
+        if frame is None:
+            log.warning(
+                "no snapshot of person %d: %s has no frame %d (is it the run's source?)",
+                person.track, source, person.best_frame,
+            )  # fmt: skip
+            continue
+        try:
+            crop = face_crop(frame, person.best_box)
+        except ValueError as error:
+            log.warning("no snapshot of person %d: %s", person.track, error)
+            continue
+        ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise OutputError(f"cannot encode the snapshot of person {person.track}")
+        name = f"person-{person.track}.jpg"
+        _write_bytes(folder / name, jpeg.tobytes(), "snapshot")
+        written[person.track] = f"snapshots/{name}"
+    return written
+
+
+COLORS = {
+    "0-9": "#8dd3c7", "10-19": "#80b1d3", "20-39": "#fdb462", "40-59": "#fb8072",
+    "60+": "#bc80bd", "male": "#4c78a8", "female": "#e45756", "unsure": "#b7b7b7",
+    UNKNOWN: "#dddddd",
+}  # fmt: skip
+
+
+def _png(figure: object) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> bytes:
+    """A stacked step chart of the people in view per bin, by "age_group" or "gender_key"."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    by_track = {person.track: person for person in people}
+    keys = [*AGE_GROUPS, UNKNOWN] if by == "age_group" else [*GENDERS, UNKNOWN]
+    counts = {key: [] for key in keys}
+    for members in bins.people:
+        values = [getattr(by_track[track], by) for track in members]
+        for key in keys:
+            counts[key].append(values.count(key))
+    keys = [key for key in keys if any(counts[key])]  # no legend entries for empty groups
+    # Each bin's count holds until the bin's end: repeat the last value for a step at the end.
+    x = [bins.start_s + i * bins.width_s for i in range(len(bins.people) + 1)]
+    figure = Figure(figsize=(8, 3.2))
+    axes = figure.add_subplot()
+    if keys:
+        series = [counts[key] + counts[key][-1:] for key in keys]
+        colors = [COLORS[key] for key in keys]
+        axes.stackplot(x, *series, labels=keys, colors=colors, step="post")
+        axes.legend(loc="upper right", fontsize="small")
+    axes.set(title=title, xlabel="time (s)", ylabel="people in view", xlim=(x[0], x[-1]))
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def groups_chart(people: list[Person]) -> bytes:
+    """Bars of people per age group, stacked by gender."""
+    from matplotlib.figure import Figure
+
+    groups = [*AGE_GROUPS] + ([UNKNOWN] if any(p.age is None for p in people) else [])
+    figure = Figure(figsize=(8, 3.2))
+    axes = figure.add_subplot()
+    bottom = np.zeros(len(groups))
+    for gender in (*GENDERS, UNKNOWN):
+        heights = np.array(
+            [sum(p.age_group == g and p.gender_key == gender for p in people) for g in groups]
+        )
+        if heights.any():
+            axes.bar(groups, heights, bottom=bottom, label=gender, color=COLORS[gender])
+            bottom += heights
+    if bottom.any():
+        axes.legend(loc="upper right", fontsize="small")
+    axes.set(title=CHARTS[2][1], xlabel="age group", ylabel="people")
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    return _png(figure)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr)); gap: 1em; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: .5em; text-align: center; }
+.card img, .placeholder { width: 160px; height: 160px; object-fit: cover; }
+.placeholder { display: flex; align-items: center; justify-content: center; margin: auto;
+  background: #eee; color: #666; font-size: .85em; padding: .5em; box-sizing: border-box; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; }
+.charts img { display: block; max-width: 100%; margin: 1em 0; }
+"""
+
+
+def _card(person: Person, snapshot: str | None) -> str:
+    if snapshot:
+        picture = f'<img src="{html.escape(quote(snapshot))}" alt="person {person.track}">'
+    else:
+        picture = '<div class="placeholder">no snapshot: run report with --source VIDEO</div>'
+    age = "age ?" if person.age is None else f"age {person.age:.0f}"
+    if person.age is not None and person.age_uncertainty is not None:
+        age += f" ± {person.age_uncertainty:.0f}"
+    details = (
+        f"{age}, {person.gender or 'gender not estimated'}",
+        f"{person.first_s:.1f}–{person.last_s:.1f} s ({person.duration_s:.1f} s in view)",
+    )
+    text = "<br>".join(html.escape(line) for line in details)
+    return (
+        f'<div class="card">{picture}<div><strong>person {person.track}</strong><br>'
+        f"{text}</div></div>"
+    )
+
+
+def index_html(run: RunInfo, people: list[Person], snapshots: dict[int, str]) -> str:
+    """The static page: summary, snapshot cards, the people table and the charts."""
+    title = html.escape(f"People in {run.source or run.jsonl.name}")
+    summary = html.escape(
+        f"{len(people)} people, {run.duration_s:.1f} s, {run.frames} frames (from {run.jsonl.name})"
+    )
+    cards = "\n".join(_card(person, snapshots.get(person.track)) for person in people)
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in PEOPLE_COLUMNS)
+    rows = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in people_rows(people, snapshots)
+    )
+    charts = "\n".join(
+        f'<img src="{html.escape(quote(name))}" alt="{html.escape(alt)}">' for name, alt in CHARTS
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>{STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+<p class="summary">{summary}</p>
+<h2>People</h2>
+<div class="cards">
+{cards}
+</div>
+<h2>Table</h2>
+<p><a href="people.csv">people.csv</a> · <a href="counts.csv">counts.csv</a></p>
+<table id="people">
+<thead><tr>{header}</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<h2>Over time</h2>
+<div class="charts">
+{charts}
+</div>
+</body></html>
+"""
+
+
+def _snapshot_source(source: Path | None, run: RunInfo) -> Path | None:
+    """The video to cut snapshots from: --source, else the file the start event names."""
+    if source is not None:
+        if not source.is_file():
+            raise FileNotFoundError(f"video file not found: {source}; check the path")
+        return source
+    if run.source and Path(run.source).is_file():
+        return Path(run.source)
+    log.warning(
+        "no snapshots: %s; pass the run's video with --source VIDEO to get them",
+        f"source {run.source} is not a readable file" if run.source else "the run names no source",
+    )
+    return None
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create `directory`; refuse one that holds anything, so nothing is overwritten."""
+    if directory.exists():
+        if not directory.is_dir():
+            raise OutputError(f"report folder {directory} is a file; choose another folder")
+        if any(directory.iterdir()):
+            raise OutputError(
+                f"report folder {directory} is not empty; choose another folder or remove it"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def write_people_report(jsonl: Path, directory: Path, source: Path | None = None) -> Report:
+    """Everything the report holds, written into `directory` (new or empty), each file under
+    a partial name until whole."""
+    run, people = load_run(jsonl)
+    video = _snapshot_source(source, run)
+    prepare_directory(directory)
+    snapshots = write_snapshots(directory, people, video) if video and people else {}
+    bins = presence_bins(run, people)
+    charts = (
+        presence_chart(bins, people, "age_group", CHARTS[0][1]),
+        presence_chart(bins, people, "gender_key", CHARTS[1][1]),
+        groups_chart(people),
+    )
+    for (name, _), data in zip(CHARTS, charts):
+        _write_bytes(directory / name, data, "chart")
+    rows = people_rows(people, snapshots)
+    _write_bytes(directory / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
+    counts = _csv_text(count_columns(), count_rows(bins, people))
+    _write_bytes(directory / "counts.csv", counts, "counts CSV")
+    page = index_html(run, people, snapshots).encode("utf-8")
+    _write_bytes(directory / "index.html", page, "report page")
+    return Report(directory, len(people), len(snapshots), run)
