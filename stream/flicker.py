@@ -175,18 +175,20 @@ def compare_runs(path: Path, reference: Path) -> dict:
 
 
 def format_flicker(report: dict) -> str:
+    """The report as text: a header line, one row per track (frames, seconds, and the number
+    of changes of its age group and of its gender, raw and smoothed), then the rates."""
     age, gender = report["age_group_changes_per_s"], report["gender_changes_per_s"]
     lines = [
         f"{report['file']}: {report['tracks']} track IDs, {report['short_tracks']} shorter than "
         f"{SHORT_TRACK_S:.0f} s, {report['track_seconds']:.1f} track-seconds",
-        f"{'track':>5} {'frames':>6} {'s':>6} {'age raw':>8} {'age sm':>7}"
-        f" {'sex raw':>8} {'sex sm':>7}",
+        f"{'track':>5} {'frames':>6} {'seconds':>7} {'age raw':>7} {'age smoothed':>12}"
+        f" {'gender raw':>10} {'gender smoothed':>15}",
     ]
     for row in report["per_track"]:
         lines.append(
-            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>6.1f}"
-            f" {row['age_changes_raw']:>8} {row['age_changes_smoothed']:>7}"
-            f" {row['gender_changes_raw']:>8} {row['gender_changes_smoothed']:>7}"
+            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>7.1f}"
+            f" {row['age_changes_raw']:>7} {row['age_changes_smoothed']:>12}"
+            f" {row['gender_changes_raw']:>10} {row['gender_changes_smoothed']:>15}"
         )
     lines.append(
         f"changes per track-second: age group raw {age['raw']:.3f}, smoothed {age['smoothed']:.3f};"

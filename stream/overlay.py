@@ -80,8 +80,9 @@ def hud_line(image: np.ndarray, text: str, row: int, scale: float) -> None:
     _text_with_background(image, text, (6, top + height + baseline), HUD_COLOUR, hud_scale)
 
 
-def annotate(result: FrameResult, stats: HudStats, scale: float | None = None) -> np.ndarray:
-    """Label the faces and draw the HUD onto the frame's own image, and return it.
+def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = None) -> np.ndarray:
+    """Label the faces and draw the HUD (none when `stats` is None: a still image) onto the
+    frame's own image, and return it.
 
     `scale` is the font scale (default: `font_scale` for the frame shown at its own size).
     In place because nothing reads the raw image after annotation, and a copy of every
@@ -114,9 +115,10 @@ def annotate(result: FrameResult, stats: HudStats, scale: float | None = None) -
         if confidence is not None:
             label += f" ({confidence:.0%})"
         _text_with_background(image, label, (x1, y1 - 4), colour, scale)
-    hud = (
-        f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
-        f" | dropped {stats.dropped}"
-    )
-    hud_line(image, hud, 0, scale)
+    if stats is not None:
+        hud = (
+            f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
+            f" | dropped {stats.dropped}"
+        )
+        hud_line(image, hud, 0, scale)
     return image
