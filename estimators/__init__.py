@@ -109,12 +109,40 @@ def estimator_names() -> list[str]:
     return sorted(ESTIMATORS)
 
 
-def _info(name: str, where: str) -> EstimatorInfo:
+def _info(name: str, where: str = "") -> EstimatorInfo:
     if name not in ESTIMATORS:
+        prefix = f"{where}: " if where else ""
         raise ConfigError(
-            f"{where}: Invalid estimator {name!r}, expecting one of {', '.join(sorted(ESTIMATORS))}"
+            f"{prefix}Invalid estimator {name!r}, expecting one of: {', '.join(estimator_names())}"
         )
     return ESTIMATORS[name]
+
+
+def check_estimator_name(name: str) -> None:
+    """Raise ConfigError for a name that is no registered estimator; imports nothing."""
+    _info(name)
+
+
+def check_estimator_config(config: EstimatorConfig) -> tuple[str, str]:
+    """Check every estimator name `config` mentions, and that `age` / `gender` name one that
+    predicts it, without importing any estimator; the age and gender estimators' names.
+
+    Raises:
+        ConfigError: naming the key, the value and the valid names.
+    """
+    _info(config.name, "estimator.name")
+    for name in config.options:
+        _info(name, f"estimator.options.{name}")
+    age_name = config.age or config.name
+    gender_name = config.gender or config.name
+    for role, name in ((AGE, age_name), (GENDER, gender_name)):
+        info = _info(name, f"estimator.{role}")
+        if getattr(config, role) is not None and role not in info.predicts:
+            raise ConfigError(
+                f"estimator.{role}: {name!r} does not predict {role}; "
+                f"it predicts {' and '.join(info.predicts)}"
+            )
+    return age_name, gender_name
 
 
 def settings_for(config: EstimatorConfig, name: str) -> EstimatorSettings:
@@ -156,18 +184,7 @@ def load_estimator(
 
 def create_estimator(config: EstimatorConfig, models_dir: str | Path | None = None) -> Estimator:
     """The estimator the config asks for: one model, or an age model beside a gender model."""
-    _info(config.name, "estimator.name")
-    for name in config.options:
-        _info(name, f"estimator.options.{name}")
-    age_name = config.age or config.name
-    gender_name = config.gender or config.name
-    for role, name in ((AGE, age_name), (GENDER, gender_name)):
-        info = _info(name, f"estimator.{role}")
-        if getattr(config, role) is not None and role not in info.predicts:
-            raise ConfigError(
-                f"estimator.{role}: {name!r} does not predict {role}; "
-                f"it predicts {' and '.join(info.predicts)}"
-            )
+    age_name, gender_name = check_estimator_config(config)
     if age_name == gender_name:
         return load_estimator(age_name, config, models_dir)
     from .combined import Combined
@@ -212,6 +229,8 @@ __all__ = [
     "InputSpec",
     "MissingExtraError",
     "ModelLoadError",
+    "check_estimator_config",
+    "check_estimator_name",
     "create_estimator",
     "estimator_names",
     "estimator_rows",

@@ -1,4 +1,5 @@
-"""`agestream` command line: run, evaluate, evaluate-video, report, bench, train, models."""
+"""`agestream` command line: run (video or images), evaluate, evaluate-video, report, bench,
+train, models."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from stream.config import Config, ConfigError, load_config, override
+from stream.config import Config, ConfigError, load_config, override, package_version
 from stream.native_log import native_stderr_to_logging
 from stream.outputs import write_report
 
@@ -20,6 +21,8 @@ log = logging.getLogger("agestream")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Commands whose config names an estimator: its names are checked before anything loads.
+ESTIMATOR_COMMANDS = ("run", "evaluate", "bench")
 
 
 def positive_int(text: str) -> int:
@@ -41,31 +44,53 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agestream",
-        description="Label every face in live or recorded video with age and gender.",
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    """The `run` command: video sources, or still images."""
+    run = commands.add_parser(
+        "run", help="process a webcam, stream URL, video file, image file or folder of images"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="process a webcam, stream URL or video file")
-    run.add_argument("source", help="webcam index (0), rtsp:// or http(s):// URL, or video file")
+    run.add_argument(
+        "source",
+        help="webcam index (0), rtsp:// or http(s):// URL, video file, image file, or folder of "
+        "images",
+    )
     _add_common(run)
-    run.add_argument("--output", help="write the annotated video here (.mp4)")
-    run.add_argument("--json", help="write one JSON record per frame here (.jsonl)")
+    run.add_argument(
+        "--output",
+        help="write the annotated video here (.mp4); for images, the folder for annotated copies",
+    )
+    run.add_argument(
+        "--json",
+        help="write one JSON record per frame (per image) here (.jsonl; images: default "
+        "OUTPUT/faces.jsonl)",
+    )
     run.add_argument("--no-window", action="store_true", help="do not open a window")
     run.add_argument(
         "--fast",
         action="store_true",
         help="show a file in the window as fast as it is processed, not at its own frame rate",
     )
-    run.add_argument("--max-frames", type=int, help="stop after this many frames")
+    run.add_argument(
+        "--max-frames", type=int, help="stop after this many frames (images: label the first N)"
+    )
     run.add_argument("--tracks", help="write one CSV row per track here (.csv)")
     run.add_argument(
         "--reestimate-every",
         type=int,
         help="re-estimate settled tracks every N frames (1: estimate every face every frame)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agestream",
+        description="Label every face in live or recorded video, or in images, with age and "
+        "gender.",
+    )
+    parser.add_argument("--version", action="version", version=f"agestream {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_run(commands)
 
     evaluate = commands.add_parser(
         "evaluate", help="score on folders of labelled face crops (labels.csv or UTKFace names)"
@@ -96,9 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     flicker = commands.add_parser(
-        "evaluate-video", help="label flicker and track counts of a run's JSON lines"
+        "evaluate-video",
+        help="age-group and gender label flicker and track counts of a run's JSON lines",
+        description="How often each track's displayed age group and gender change per second, "
+        "raw per-frame estimates against smoothed labels, and how many track IDs there are and "
+        "how many last under 1 s, from the JSON lines of `agestream run --json`.",
     )
-    flicker.add_argument("jsonl", type=Path)
+    flicker.add_argument("jsonl", type=Path, metavar="RUN.jsonl")
     flicker.add_argument("--json", help="write the report as JSON here (- for stdout)")
     flicker.add_argument(
         "--reference",
@@ -137,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_estimators(config: Config, args: argparse.Namespace) -> None:
+    """Unknown estimator names end the command here, before any source or model opens: the
+    --estimator flag's as it was given, then those the config file adds."""
+    from estimators import check_estimator_config, check_estimator_name
+
+    if args.estimator is not None:
+        check_estimator_name(args.estimator)
+    try:
+        check_estimator_config(config.estimator)
+    except ConfigError as error:
+        raise ConfigError(f"{args.config}: {error}" if args.config else str(error)) from None
+
+
 def _config_from(args: argparse.Namespace) -> Config:
     # `train` has a recipe of its own in --config; it runs on the default config.
     config = load_config(None if args.command == "train" else getattr(args, "config", None))
@@ -156,6 +198,8 @@ def _config_from(args: argparse.Namespace) -> Config:
             tracks=args.tracks,
         )
         config = override(config, "tracking", reestimate_every=args.reestimate_every)
+    if args.command in ESTIMATOR_COMMANDS:
+        _check_estimators(config, args)
     return config
 
 
@@ -164,6 +208,10 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from stream.photos import is_image_source
+
+    if is_image_source(args.source):
+        return _cmd_run_images(config, args)
     from stream.pipeline import RunSummary, run
 
     summary = RunSummary(source_id=args.source)
@@ -176,6 +224,19 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
         if summary.frames:
             print(summary.format(), file=sys.stderr)
         raise
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def _cmd_run_images(config: Config, args: argparse.Namespace) -> int:
+    from stream.photos import PhotoSummary, run_images
+
+    summary = PhotoSummary()
+    try:
+        run_images(config, Path(args.source), summary)
+    except KeyboardInterrupt:
+        print(summary.format() + "\n  (interrupted)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(summary.format(), file=sys.stderr)
     return 0
 

@@ -31,7 +31,7 @@ def package_version() -> str:
     try:
         return importlib.metadata.version("agestream")
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        return "unknown (not installed)"
 
 
 class ConfigError(ValueError):

@@ -37,6 +37,7 @@ class TrackFlicker:
     age_changes_smoothed: int
     gender_changes_raw: int
     gender_changes_smoothed: int
+    unsure_changes: int
 
 
 class RecordsError(ValueError):
@@ -108,6 +109,9 @@ def track_flicker(records: list[dict]) -> list[TrackFlicker]:
         def gender(p_male: float | None) -> bool | None:
             return None if p_male is None else p_male >= 0.5
 
+        def decided(label: str | None) -> str | None:
+            return None if label == "unsure" else label
+
         rows.append(
             TrackFlicker(
                 track=track,
@@ -117,7 +121,9 @@ def track_flicker(records: list[dict]) -> list[TrackFlicker]:
                 age_changes_raw=label_changes([group(f.get("age_raw")) for f in faces]),
                 age_changes_smoothed=label_changes([group(f["age"]) for f in faces]),
                 gender_changes_raw=label_changes([gender(f.get("p_male_raw")) for f in faces]),
-                gender_changes_smoothed=label_changes([f["gender"] for f in faces]),
+                # Male to female or back (through "unsure" or not): what contradicts itself.
+                gender_changes_smoothed=label_changes([decided(f["gender"]) for f in faces]),
+                unsure_changes=label_changes([f["gender"] == "unsure" for f in faces]),
             )
         )
     return rows
@@ -144,6 +150,7 @@ def flicker_report(path: Path) -> dict:
             "raw": rate("gender_changes_raw"),
             "smoothed": rate("gender_changes_smoothed"),
         },
+        "unsure_changes_per_s": rate("unsure_changes"),
         "per_track": [asdict(row) for row in rows],
     }
 
@@ -175,21 +182,26 @@ def compare_runs(path: Path, reference: Path) -> dict:
 
 
 def format_flicker(report: dict) -> str:
+    """The report as text: a header line, one row per track (frames, seconds, and the number
+    of changes of its age group and of its gender, raw and smoothed, and of the smoothed label
+    into or out of "unsure"), then the rates."""
     age, gender = report["age_group_changes_per_s"], report["gender_changes_per_s"]
     lines = [
         f"{report['file']}: {report['tracks']} track IDs, {report['short_tracks']} shorter than "
         f"{SHORT_TRACK_S:.0f} s, {report['track_seconds']:.1f} track-seconds",
-        f"{'track':>5} {'frames':>6} {'s':>6} {'age raw':>8} {'age sm':>7}"
-        f" {'sex raw':>8} {'sex sm':>7}",
+        f"{'track':>5} {'frames':>6} {'seconds':>7} {'age raw':>7} {'age smoothed':>12}"
+        f" {'gender raw':>10} {'gender smoothed':>15} {'unsure':>6}",
     ]
     for row in report["per_track"]:
         lines.append(
-            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>6.1f}"
-            f" {row['age_changes_raw']:>8} {row['age_changes_smoothed']:>7}"
-            f" {row['gender_changes_raw']:>8} {row['gender_changes_smoothed']:>7}"
+            f"{row['track']:>5} {row['frames']:>6} {row['seconds']:>7.1f}"
+            f" {row['age_changes_raw']:>7} {row['age_changes_smoothed']:>12}"
+            f" {row['gender_changes_raw']:>10} {row['gender_changes_smoothed']:>15}"
+            f" {row['unsure_changes']:>6}"
         )
     lines.append(
         f"changes per track-second: age group raw {age['raw']:.3f}, smoothed {age['smoothed']:.3f};"
         f" gender raw {gender['raw']:.3f}, smoothed {gender['smoothed']:.3f}"
+        f" (and {report['unsure_changes_per_s']:.3f} into or out of unsure)"
     )
     return "\n".join(lines)

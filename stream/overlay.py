@@ -131,7 +131,7 @@ def _face_colour(gender: str | None) -> tuple[int, int, int]:
 
 def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = None) -> np.ndarray:
     """Box and label the shown faces (those of confirmed tracks) and draw the HUD (none when
-    `stats` is None) onto the frame's own image, and return it.
+    `stats` is None: a still image) onto the frame's own image, and return it.
 
     `scale` is the font scale (default: `font_scale` for the frame shown at its own size).
     In place because nothing reads the raw image after annotation, and a copy of every
@@ -146,7 +146,10 @@ def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = 
             f"{stats.processing_fps:.1f} FPS processed | source {stats.source_fps:.1f} FPS"
             f" | dropped {stats.dropped}"
         )
-        taken.append(hud_line(image, hud, 0, scale))
+        rates = hud_line(image, hud, 0, scale)
+        # The HUD's band: the rates, and below them the window's key help or "paused" line,
+        # drawn over the frame later.
+        taken.append((0, 0, image.shape[1], rates[3] + (rates[3] - rates[1])))
     shown = [i for i in range(len(result.faces)) if result.confirmed is None or result.confirmed[i]]
     boxes = {i: tuple(int(round(v)) for v in result.faces.xyxy[i]) for i in shown}
     taken.extend(boxes.values())

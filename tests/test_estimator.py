@@ -43,7 +43,7 @@ def test_given_wrong_output_shapes_then_error_says_expected_and_actual() -> None
 
 
 def test_given_unknown_estimator_then_error_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match="Invalid estimator 'nope', expecting one of .*onnx"):
+    with pytest.raises(ConfigError, match="Invalid estimator 'nope', expecting one of: .*onnx"):
         create_estimator(EstimatorConfig(name="nope"))
     assert "onnx-genderage" in ESTIMATORS
 

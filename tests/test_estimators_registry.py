@@ -38,7 +38,7 @@ def estimates(age: list[float], p_male: list[float]) -> Estimates:
 def test_given_unknown_estimator_then_error_lists_every_valid_name() -> None:
     with pytest.raises(ConfigError) as error:
         create_estimator(EstimatorConfig(name="nope"))
-    assert "Invalid estimator 'nope', expecting one of " + ", ".join(sorted(ESTIMATORS)) in str(
+    assert "Invalid estimator 'nope', expecting one of: " + ", ".join(sorted(ESTIMATORS)) in str(
         error.value
     )
     assert set(ESTIMATORS) == {

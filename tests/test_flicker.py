@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.flicker import age_group_index, flicker_report, label_changes
+from stream.flicker import age_group_index, flicker_report, format_flicker, label_changes
 from tests.conftest import VIDEOS, require
 
 
@@ -63,6 +63,21 @@ def test_given_a_run_then_changes_per_track_second_are_raw_vs_smoothed(tmp_path:
     assert report["age_group_changes_per_s"]["raw"] == pytest.approx(9 / 1.1)
     assert report["age_group_changes_per_s"]["smoothed"] == 0
     assert report["gender_changes_per_s"]["raw"] == pytest.approx(9 / 1.1)
+
+
+def test_given_a_report_then_its_text_names_every_column_and_says_gender(tmp_path: Path) -> None:
+    records = [
+        {"frame": i, "t_ms": i * 100.0, "faces": [face(1, 25, "male", 29 + 2 * (i % 2), 0.6)]}
+        for i in range(10)
+    ]
+    text = format_flicker(flicker_report(write_jsonl(tmp_path / "run.jsonl", records)))
+    header, row = text.splitlines()[1:3]
+    assert header.split() == [
+        "track", "frames", "seconds", "age", "raw", "age", "smoothed", "gender", "raw", "gender",
+        "smoothed", "unsure",
+    ]  # fmt: skip
+    assert row.split() == ["1", "10", "1.0", "9", "0", "0", "0", "0"]
+    assert "sex" not in text and "gender raw 0.000, smoothed 0.000" in text
 
 
 def test_given_a_shared_clip_then_smoothed_flicker_is_at_most_a_fifth_of_raw(

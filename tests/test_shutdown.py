@@ -90,7 +90,7 @@ def test_given_running_pipeline_when_signalled_then_stops_fast_with_whole_output
         text=True,
     )  # fmt: skip
     try:
-        wait_for_lines(jsonl, 1)
+        wait_for_lines(jsonl, 2)  # the start record and a frame
         stopped = interrupt(process, signum)
     finally:
         process.kill()

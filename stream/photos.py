@@ -1,0 +1,274 @@
+"""`agestream run IMAGE|FOLDER`: label the faces of still images the way `run` labels a video's,
+writing an annotated copy of each image and one JSON line per image, never over a file."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from detectors import Detector, create_detector
+from estimators import Estimator, create_estimator
+from stream.analyzer import FaceAnalyzer
+from stream.config import Config, DetectorConfig, OutputConfig, TrackingConfig
+from stream.outputs import OutputError, PartialFile, check_output_paths
+from stream.overlay import annotate
+from stream.processor import FrameProcessor
+from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink, frame_record
+from stream.sources import MAX_FRAME_SIDE, shrink
+from stream.types import Frame, FrameResult
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The JSON lines' default name, in the --output folder.
+JSON_NAME = "faces.jsonl"
+# Each image is a one-frame clip of its own: one frame a second, so that a track's lifetime
+# and smoothing half-life (in seconds) mean what they mean for video.
+STILL_FPS = 1.0
+
+
+def is_image_source(spec: str) -> bool:
+    """True for an existing folder, or an existing file named like an image: what `run` reads
+    as still images rather than as a video."""
+    path = Path(spec)
+    return path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def list_images(source: Path) -> list[Path]:
+    """`source` itself, or the folder's image files sorted by name (subfolders are not read).
+
+    Raises:
+        FileNotFoundError: a folder without images.
+    """
+    if not source.is_dir():
+        return [source]
+    images = sorted(
+        path
+        for path in source.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
+    if not images:
+        raise FileNotFoundError(
+            f"no images in {source}: expected files ending in {' '.join(IMAGE_SUFFIXES)} "
+            "(subfolders are not read)"
+        )
+    return images
+
+
+@dataclass(frozen=True)
+class PhotoOutputs:
+    """Where a run on images writes: annotated copies into `folder`, JSON lines to `json`
+    ("-": standard output); either may be None."""
+
+    folder: Path | None
+    json: str | None
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        raise OutputError(
+            f"{path} already exists; agestream does not overwrite it: choose another --output "
+            "folder or move it away"
+        )
+
+
+def _check_folder(folder: Path, images: list[Path], source: Path) -> None:
+    if folder.suffix.lower() in VIDEO_SUFFIXES:
+        raise OutputError(
+            f"--output {folder} is a video file name, but {source} is images: give a folder for "
+            "the annotated images"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--output {folder} is a file: give a folder for the annotated images")
+    input_folder = source if source.is_dir() else source.parent
+    if folder.is_dir() and folder.samefile(input_folder):
+        raise OutputError(
+            f"--output {folder} is the input folder: the annotated images would overwrite the "
+            "originals; choose another folder"
+        )
+    for image in images:
+        _refuse_existing(folder / image.name)
+
+
+def plan_outputs(output: OutputConfig, images: list[Path], source: Path) -> PhotoOutputs:
+    """Check the outputs before anything is loaded or written.
+
+    Raises:
+        OutputError: one line naming the output and what to do.
+    """
+    if output.tracks:
+        raise OutputError("--tracks is for video: each image is a clip of its own, with no tracks")
+    if output.video is None and output.json is None:
+        raise OutputError(
+            f"images need --output FOLDER (annotated images and {JSON_NAME}) or --json FILE"
+        )
+    folder = None if output.video is None else Path(output.video)
+    if folder is not None:
+        _check_folder(folder, images, source)
+    json = output.json
+    if json is None and folder is not None:
+        json = str(folder / JSON_NAME)
+        _refuse_existing(folder / JSON_NAME)
+    if json is not None and json != "-":
+        for image in images:
+            check_output_paths({"JSON lines file": Path(json)}, image)
+    return PhotoOutputs(folder, json)
+
+
+def read_image(path: Path) -> np.ndarray | None:
+    """The BGR image at `path`, downscaled with a warning beyond MAX_FRAME_SIDE (as a video's
+    frames are); None, with a warning, when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        reason = "no such file" if not path.exists() else "not a readable image"
+        log.warning("skipping %s: %s (or too large for OpenCV)", path.name, reason)
+        return None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_FRAME_SIDE:
+        image = shrink(image, MAX_FRAME_SIDE / max(height, width))
+        log.warning(
+            "%s is %dx%d, beyond any camera's size: labelled and written downscaled to %dx%d",
+            path.name, width, height, image.shape[1], image.shape[0],
+        )  # fmt: skip
+    return image
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """`image` encoded as `path`'s extension says, written under its partial name and renamed
+    into place only when whole; never over an existing file.
+
+    Raises:
+        OutputError: naming the file.
+    """
+    try:
+        ok, data = cv2.imencode(path.suffix, image)
+    except cv2.error as error:
+        raise OutputError(f"cannot encode {path}: {str(error).strip().splitlines()[-1]}") from None
+    if not ok:
+        raise OutputError(f"cannot encode {path} as {path.suffix}")
+    _refuse_existing(path)  # appeared since the outputs were checked
+    file = PartialFile(path, "annotated image")
+    try:
+        file.write(data.tobytes())
+    except BaseException:
+        file.abandon()
+        file.path.unlink(missing_ok=True)  # half an image is of no use to anyone
+        raise
+    file.commit()
+
+
+class DetectorsByModel:
+    """One detector per BlazeFace model the images need (`auto` picks the range by image width,
+    as for a video), each made on first use and closed with `stack`."""
+
+    def __init__(self, config: DetectorConfig, models_dir: str | None, stack: ExitStack) -> None:
+        self.config, self.models_dir, self.stack = config, models_dir, stack
+        self._detectors: dict[str, Detector] = {}
+
+    def for_width(self, width: int) -> Detector:
+        from detectors.mediapipe import resolve_model
+
+        model = resolve_model(self.config.model, width, self.config.auto_full_range_width)
+        if model not in self._detectors:
+            detector = create_detector(self.config, width, self.models_dir)
+            self._detectors[model] = self.stack.enter_context(detector)
+        return self._detectors[model]
+
+
+def label_image(
+    detector: Detector, estimator: Estimator, tracking: TrackingConfig, image: np.ndarray, name: str
+) -> FrameResult:
+    """The image through the same detect → track → estimate → smooth path as a video's
+    frames, as a one-frame clip: a fresh processor whose tracks are confirmed on their first
+    hit, so the labels follow the same rules as in `run` on video."""
+    processor = FrameProcessor(
+        FaceAnalyzer(detector, estimator), dataclasses.replace(tracking, min_hits=1), STILL_FPS
+    )
+    result, _ = processor.process(Frame(image=image, index=0, timestamp=0.0, source_id=name), 0.0)
+    return result
+
+
+def image_record(name: str, result: FrameResult) -> dict:
+    """The JSON line of one image: its name, size (as labelled) and faces, each face with the
+    same fields as in a video's records."""
+    height, width = result.frame.image.shape[:2]
+    return {"image": name, "width": width, "height": height, "faces": frame_record(result)["faces"]}
+
+
+@dataclass
+class PhotoSummary:
+    """What a run on images did, for the summary line."""
+
+    images: int = 0
+    faces: int = 0
+    skipped: int = 0
+    images_written: int = 0
+    wrote: list[str] = field(default_factory=list)
+    not_written: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        text = f"{self.images} images, {self.faces} faces"
+        if self.skipped:
+            text += f", {self.skipped} unreadable skipped"
+        if self.wrote:
+            text += "; wrote " + " and ".join(self.wrote)
+        return text + "".join(f"; NOT written {line}" for line in self.not_written)
+
+
+def _report(summary: PhotoSummary, folder: Path | None, sink: JsonLinesSink | None) -> None:
+    if folder is not None:
+        summary.wrote.append(f"{folder} ({summary.images_written} images)")
+    if sink is None or str(sink.path) == "-":
+        return
+    if sink.finished:
+        summary.wrote.append(f"{sink.path} ({sink.lines_written} lines)")
+    else:
+        summary.not_written.append(f"{sink.path}: {sink.lines_written} lines kept in {sink.kept}")
+
+
+def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
+    """Label an image, or every image of a folder, filling `summary` as it goes.
+
+    Unreadable images are skipped with a warning; the JSON lines are finalized however the
+    run ends (Ctrl-C too), and each annotated image is whole or absent.
+
+    Raises:
+        FileNotFoundError, OutputError, ModelError, ConfigError: fatal problems, one line each.
+    """
+    images = list_images(source)
+    if config.output.max_frames is not None:
+        images = images[: config.output.max_frames]
+    outputs = plan_outputs(config.output, images, source)
+    estimator = create_estimator(config.estimator, config.models_dir)
+    log.info("%d images from %s", len(images), source)
+    with ExitStack() as stack:
+        detectors = DetectorsByModel(config.detector, config.models_dir, stack)
+        if outputs.folder is not None:
+            outputs.folder.mkdir(parents=True, exist_ok=True)
+        sink = None if outputs.json is None else JsonLinesSink(outputs.json)
+        # Reported after the JSON lines close (last in, first out): a file whose finishing
+        # failed is not reported as written.
+        stack.callback(_report, summary, outputs.folder, sink)
+        if sink is not None:
+            stack.enter_context(sink)
+        for path in tqdm(images, unit="image", disable=None, leave=False):
+            image = read_image(path)
+            if image is None:
+                summary.skipped += 1
+                continue
+            detector = detectors.for_width(image.shape[1])
+            result = label_image(detector, estimator, config.tracking, image, path.name)
+            if outputs.folder is not None:
+                write_image(outputs.folder / path.name, annotate(result, None))
+                summary.images_written += 1
+            if sink is not None:
+                sink.write(image_record(path.name, result))
+            summary.images += 1
+            summary.faces += len(result.faces)

@@ -1,0 +1,184 @@
+"""`agestream run IMAGE|FOLDER`: annotated copies and one JSON line per image, on real faces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from stream.config import OutputConfig
+from stream.outputs import OutputError
+from stream.overlay import HudStats, annotate
+from stream.photos import PhotoOutputs, list_images, plan_outputs
+from stream.types import Estimates, Faces, Frame, FrameResult
+from tests.conftest import SHARED, require
+
+REPO = Path(__file__).resolve().parents[1]
+FACES_DEV = SHARED / "data" / "faces" / "dev"
+N_IMAGES = 20
+
+
+def agestream(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m stream ARGS` from the repository root, so this checkout's code runs."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 face images spread over faces/dev (UTKFace and All-Age-Faces) and one corrupt file."""
+    images = sorted(require(FACES_DEV).glob("*/*.jpg"))
+    folder = tmp_path_factory.mktemp("photos") / "in"
+    folder.mkdir()
+    for i in np.linspace(0, len(images) - 1, N_IMAGES).round().astype(int):
+        shutil.copy(images[i], folder / images[i].name)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def labelled(photos: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """The folder run once, into OUT beside it."""
+    out = photos.parent / "out"
+    return out, agestream("run", photos, "--output", out)
+
+
+def test_given_a_folder_when_run_then_every_image_is_annotated_at_its_own_size(
+    photos: Path, labelled: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    out, completed = labelled
+    assert completed.returncode == 0, completed.stderr
+    originals = sorted(p.name for p in photos.iterdir() if p.name != "corrupt.jpg")
+    assert len(originals) == N_IMAGES
+    assert sorted(p.name for p in out.glob("*.jpg")) == originals
+    assert not list(out.glob("*.partial.*"))
+    for name in originals:
+        assert cv2.imread(str(out / name)).shape == cv2.imread(str(photos / name)).shape
+
+
+def test_given_a_folder_when_run_then_one_json_line_per_image_with_video_face_fields(
+    photos: Path, labelled: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    out, completed = labelled
+    records = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == sorted(p.name for p in out.glob("*.jpg"))
+    assert sum(len(r["faces"]) >= 1 for r in records) >= 18
+    video_fields = {
+        "box", "score", "age", "gender", "p_male", "track", "age_uncertainty", "age_raw",
+        "p_male_raw", "age_std_raw", "quality",
+    }  # fmt: skip
+    for record in records:
+        height, width = cv2.imread(str(photos / record["image"])).shape[:2]
+        assert (record["width"], record["height"]) == (width, height)
+        for face in record["faces"]:
+            assert set(face) == video_fields
+            assert 0 <= face["age"] <= 100 and face["gender"] in ("female", "male", "unsure")
+    assert (
+        f"{N_IMAGES} images, {sum(len(r['faces']) for r in records)} faces, 1 unreadable skipped; "
+        f"wrote {out} ({N_IMAGES} images) and {out / 'faces.jsonl'} ({N_IMAGES} lines)"
+    ) in completed.stderr
+
+
+def test_given_a_folder_when_run_then_labels_are_drawn_on_each_face(
+    photos: Path, labelled: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    out, _ = labelled
+    for line in (out / "faces.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if not record["faces"]:
+            continue
+        x1, y1, x2, y2 = (round(v) for v in record["faces"][0]["box"])
+        original = cv2.imread(str(photos / record["image"])).astype(int)
+        annotated = cv2.imread(str(out / record["image"])).astype(int)
+        # The box's outline (and the label above it) changes far more than JPEG's re-encoding.
+        region = np.s_[max(y1 - 2, 0) : y2 + 3, max(x1 - 2, 0) : x2 + 3]
+        changed = (np.abs(annotated[region] - original[region]).max(axis=2) > 60).sum()
+        assert changed > 2 * (x2 - x1), record["image"]
+
+
+def test_given_a_corrupt_image_then_it_is_skipped_with_a_warning(
+    labelled: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    out, completed = labelled
+    assert "WARNING skipping corrupt.jpg: not a readable image" in completed.stderr
+    assert not (out / "corrupt.jpg").exists()
+
+
+def test_given_outputs_of_an_earlier_run_when_run_again_then_nothing_is_overwritten(
+    photos: Path, labelled: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    out, _ = labelled
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    completed = agestream("run", photos, "--output", out, timeout=60)
+    assert completed.returncode == 1
+    first = sorted(p.name for p in photos.glob("*.jpg") if p.name != "corrupt.jpg")[0]
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"agestream: error: {out / first} already exists; agestream does not overwrite it: "
+        "choose another --output folder or move it away"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_given_the_input_folder_as_output_then_refused_and_originals_kept(photos: Path) -> None:
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    completed = agestream("run", photos, "--output", photos, timeout=60)
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == (
+        f"agestream: error: --output {photos} is the input folder: the annotated images would "
+        "overwrite the originals; choose another folder"
+    )
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_given_one_photo_when_run_then_it_is_annotated_with_its_json_line(
+    photos: Path, tmp_path: Path
+) -> None:
+    photo = sorted(photos.glob("*.jpg"))[0]
+    completed = agestream(
+        "run", photo, "--output", tmp_path / "one", "--json", tmp_path / "f.jsonl"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert [p.name for p in (tmp_path / "one").iterdir()] == [photo.name]
+    (record,) = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert record["image"] == photo.name and len(record["faces"]) == 1
+
+
+def test_given_a_video_name_as_output_for_images_then_refused(tmp_path: Path) -> None:
+    images = [tmp_path / "a.png"]
+    with pytest.raises(OutputError, match=r"out\.mp4 is a video file name, but .* is images"):
+        plan_outputs(OutputConfig(video=str(tmp_path / "out.mp4")), images, images[0])
+
+
+def test_given_no_images_in_a_folder_then_error_says_which_files_count(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=r"no images in .*: expected files ending in .jpg"):
+        list_images(tmp_path)
+
+
+def test_given_json_onto_an_input_image_then_refused(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    with pytest.raises(OutputError, match="is the same file as the input"):
+        plan_outputs(OutputConfig(json=str(image)), [image], tmp_path)
+    assert plan_outputs(OutputConfig(json="-"), [image], tmp_path) == PhotoOutputs(None, "-")
+
+
+def test_given_no_hud_stats_then_annotate_draws_no_hud() -> None:
+    def blank() -> FrameResult:
+        empty = np.zeros((0,), np.float32)
+        frame = Frame(np.zeros((240, 320, 3), np.uint8), 0, 0.0, "still")
+        return FrameResult(frame, Faces.empty(), Estimates(empty, empty, empty), t_ms=0.0)
+
+    assert not annotate(blank(), None).any()
+    assert annotate(blank(), HudStats(30.0, 30.0, 0)).any()
