@@ -13,8 +13,9 @@ import numpy as np
 from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
 from stream.config import TrackingConfig
-from stream.faceset import LabelledImage, central_face, load_labelled, read_face_image
+from stream.faceset import LabelledImage, central_face, load_labelled
 from stream.processor import FrameProcessor
+from stream.sources import read_image
 from stream.types import Frame
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def pipeline_predictor(analyzer: FaceAnalyzer) -> Predictor:
         ages = np.full(len(images), np.nan)
         p_males = np.full(len(images), np.nan)
         for i, item in enumerate(images):
-            crop = read_face_image(item.path)
+            crop = read_image(item.path, str(item.path))
             if crop is None:
                 continue
             canvas, _ = pad_to_canvas(crop)

@@ -9,12 +9,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from detectors import Detector
 from stream.align import pad_to_canvas
-from stream.sources import MAX_FRAME_SIDE, shrink
 from stream.types import Faces
 
 log = logging.getLogger(__name__)
@@ -100,23 +98,6 @@ def load_labelled(directory: Path, limit: int | None = None) -> list[LabelledIma
     if limit is not None and limit < len(images):
         images = [images[i] for i in np.linspace(0, len(images) - 1, limit).round().astype(int)]
     return images
-
-
-def read_face_image(path: Path) -> np.ndarray | None:
-    """The BGR image at `path`, downscaled with a warning when a side is beyond any camera's
-    (padding and detecting it whole would exhaust memory); None, logged, when unreadable."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        log.warning("skipping %s: not a readable image (or too large for OpenCV)", path)
-        return None
-    height, width = image.shape[:2]
-    if max(height, width) > MAX_FRAME_SIDE:
-        image = shrink(image, MAX_FRAME_SIDE / max(height, width))
-        log.warning(
-            "%s is %dx%d, beyond any camera's size: using it downscaled to %dx%d",
-            path, width, height, image.shape[1], image.shape[0],
-        )  # fmt: skip
-    return image
 
 
 def central_face(faces: Faces, canvas_shape: tuple[int, ...]) -> int | None:

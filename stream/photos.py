@@ -21,7 +21,7 @@ from stream.outputs import OutputError, PartialFile, check_output_paths
 from stream.overlay import annotate
 from stream.processor import FrameProcessor
 from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink, frame_record
-from stream.sources import MAX_FRAME_SIDE, shrink
+from stream.sources import read_image
 from stream.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -120,24 +120,6 @@ def plan_outputs(output: OutputConfig, images: list[Path], source: Path) -> Phot
         for image in images:
             check_output_paths({"JSON lines file": Path(json)}, image)
     return PhotoOutputs(folder, json)
-
-
-def read_image(path: Path) -> np.ndarray | None:
-    """The BGR image at `path`, downscaled with a warning beyond MAX_FRAME_SIDE (as a video's
-    frames are); None, with a warning, when it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        reason = "no such file" if not path.exists() else "not a readable image"
-        log.warning("skipping %s: %s (or too large for OpenCV)", path.name, reason)
-        return None
-    height, width = image.shape[:2]
-    if max(height, width) > MAX_FRAME_SIDE:
-        image = shrink(image, MAX_FRAME_SIDE / max(height, width))
-        log.warning(
-            "%s is %dx%d, beyond any camera's size: labelled and written downscaled to %dx%d",
-            path.name, width, height, image.shape[1], image.shape[0],
-        )  # fmt: skip
-    return image
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -259,7 +241,7 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
         if sink is not None:
             stack.enter_context(sink)
         for path in tqdm(images, unit="image", disable=None, leave=False):
-            image = read_image(path)
+            image = read_image(path, path.name)
             if image is None:
                 summary.skipped += 1
                 continue

@@ -84,6 +84,25 @@ def shrink(image: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def read_image(path: Path, name: str) -> np.ndarray | None:
+    """The BGR image at `path` (called `name` in warnings), downscaled with a warning beyond
+    MAX_FRAME_SIDE as a video's frames are (labelling it whole would exhaust memory); None,
+    with a warning, when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        reason = "no such file" if not path.exists() else "not a readable image"
+        log.warning("skipping %s: %s (or too large for OpenCV)", name, reason)
+        return None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_FRAME_SIDE:
+        image = shrink(image, MAX_FRAME_SIDE / max(height, width))
+        log.warning(
+            "%s is %dx%d, beyond any camera's size: using it downscaled to %dx%d",
+            name, width, height, image.shape[1], image.shape[0],
+        )  # fmt: skip
+    return image
+
+
 def redact(url: str) -> str:
     """`url` with any `user:password@` replaced by `***@`, safe for logs and errors."""
     return _USERINFO.sub(r"\1***@", url)

@@ -20,7 +20,8 @@ import numpy as np
 
 from estimators.base import CropSpec
 from stream.config import DetectorConfig
-from stream.faceset import LabelledImage, detect_on_canvas, load_labelled, read_face_image
+from stream.faceset import LabelledImage, detect_on_canvas, load_labelled
+from stream.sources import read_image
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _cut(task: tuple[list[str], CropSpec]) -> list[np.ndarray | None]:
     paths, spec = task
     chips: list[np.ndarray | None] = []
     for path in paths:
-        image = read_face_image(Path(path))
+        image = read_image(Path(path), path)
         if image is None:
             chips.append(None)
             continue
