@@ -208,3 +208,54 @@ class FrameResult:
             check_shape("FrameResult.quality", self.quality, (n,))
         if self.confirmed is not None:
             check_shape("FrameResult.confirmed", self.confirmed, (n,))
+
+
+@dataclass(frozen=True)
+class TrackStatus:
+    """One person in view of a served stream, as the live page and the API show them.
+
+    Attributes:
+        track: the person's id within the stream.
+        age: smoothed age in years, or None before the first estimate.
+        age_uncertainty: its standard error in years, or None while unknown.
+        gender: "male", "female", "unsure", or None for an estimator without gender.
+        confidence: the shown gender's probability (p_male or 1 - p_male), None when unsure.
+        seconds_in_view: since the person's track was confirmed.
+    """
+
+    track: int
+    age: float | None
+    age_uncertainty: float | None
+    gender: str | None
+    confidence: float | None
+    seconds_in_view: float
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    """What a served stream is doing now (the JSON API's stream object).
+
+    Attributes:
+        id: the stream's id (unique in the server).
+        source: where it reads from, credentials redacted.
+        state: "starting", "running", "reconnecting", "ended" (a file without --loop) or
+            "failed" (with `error`).
+        fps: frames processed per second over the last few seconds.
+        faces: faces in the latest frame.
+        tracks: the people in view in the latest frame.
+        dropped: frames a live source dropped so far (the newest frame wins).
+        frames: frames processed so far.
+        latency_ms_p95: capture to annotated frame, 95th percentile over the last frames.
+        error: why the stream failed, or None.
+    """
+
+    id: str
+    source: str
+    state: str
+    fps: float
+    faces: int
+    tracks: tuple[TrackStatus, ...]
+    dropped: int
+    frames: int
+    latency_ms_p95: float | None
+    error: str | None = None
