@@ -44,6 +44,33 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `bench` command's own arguments (its report lives in stream.reports.bench)."""
+    parser.add_argument(
+        "source",
+        nargs="?",
+        help="video file to benchmark the pipeline on; without it, --estimator NAME times "
+        "that estimator alone at batch 1, 8 and 32",
+    )
+    parser.add_argument("--json", help="write the results as JSON here (- for stdout)")
+    parser.add_argument(
+        "--max-frames", type=int, help="use the first N frames of the file (default: all)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="naive loop and pipeline runs, alternating; the ratio is their median (default 5)",
+    )
+    parser.add_argument(
+        "--live-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of simulated 30 FPS live input measured after 1 s of warm-up "
+        "(0 skips the live part)",
+    )
+
+
 def _add_run(commands: argparse._SubParsersAction) -> None:
     """The `run` command: video sources, or still images."""
     run = commands.add_parser(
@@ -153,8 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="per-stage latency, pipeline against a naive loop, live latency"
     )
-    from stream.bench import add_bench_arguments
-
     add_bench_arguments(bench)
     _add_common(bench)
 
@@ -245,7 +270,7 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
     from detectors import create_detector
     from estimators import create_estimator, estimator_names
     from stream.analyzer import FaceAnalyzer
-    from stream.evaluate import (
+    from stream.reports.evaluate import (
         PACKAGE_REFERENCE,
         evaluate,
         format_report,
@@ -280,7 +305,7 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
-    from stream.flicker import compare_runs, flicker_report, format_flicker
+    from stream.reports.flicker import compare_runs, flicker_report, format_flicker
 
     for path in (args.jsonl, args.reference):
         if path is not None and not path.is_file():
@@ -306,7 +331,7 @@ def _cmd_evaluate_video(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(config: Config, args: argparse.Namespace) -> int:
-    from stream.people_report import write_people_report
+    from stream.reports.people import write_people_report
 
     report = write_people_report(args.jsonl, args.output, args.source)
     print(
@@ -344,12 +369,12 @@ def _cmd_models(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
     if args.source is not None:
-        from stream.bench import run_bench
+        from stream.reports.bench import run_bench
 
         return run_bench(config, args)
     if args.estimator is None:
         raise ConfigError("bench needs a video file, or --estimator NAME to time an estimator")
-    from estimators.bench import bench_estimator, format_bench
+    from stream.reports.estimator_bench import bench_estimator, format_bench
 
     rows = bench_estimator(
         args.estimator,

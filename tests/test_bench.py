@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from stream.bench import add_bench_arguments, percentiles, run_bench, steady_rates
+from stream.cli import add_bench_arguments
 from stream.config import Config
+from stream.reports.bench import percentiles, run_bench, steady_rates
 from tests.conftest import HAMILTON, require
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ from estimators import (
     estimator_rows,
     format_estimator_rows,
 )
-from estimators.bench import bench_estimator, format_bench
 from estimators.combined import Combined, combine
 from stream.analyzer import FaceAnalyzer, box_crops, cut_crops
 from stream.config import ConfigError, EstimatorConfig, load_config
+from stream.reports.estimator_bench import bench_estimator, format_bench
 from stream.types import Estimates, Faces
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from stream.cli import main
-from stream.evaluate import Truth, age_band, age_group, score, scores_report
 from stream.faceset import DEV_SPLIT, TRAIN_SPLITS, LabelledImage, parse_utkface_name, split_of
+from stream.reports.evaluate import Truth, age_band, age_group, score, scores_report
 from tests.conftest import SHARED, UTKFACE, require
 
 FACES = SHARED / "data" / "faces"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.flicker import age_group_index, flicker_report, format_flicker, label_changes
+from stream.reports.flicker import age_group_index, flicker_report, format_flicker, label_changes
 from tests.conftest import VIDEOS, require
 
 

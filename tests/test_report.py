@@ -19,7 +19,7 @@ import pytest
 from detectors import create_detector
 from stream.align import pad_to_canvas
 from stream.config import DetectorConfig
-from stream.people_report import AGE_GROUPS, GENDERS
+from stream.reports.people import AGE_GROUPS, GENDERS
 from tests.conftest import HAMILTON, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def test_given_a_jsonl_without_usable_frames_then_one_error_line(
 
 
 def test_given_markup_in_the_source_name_then_the_page_escapes_it(tmp_path: Path) -> None:
-    from stream.people_report import RunInfo, index_html
+    from stream.reports.people import RunInfo, index_html
 
     run = RunInfo(tmp_path / "r.jsonl", '<script>alert("x")</script>.mp4', 1, 0.0, 1.0)
     page = index_html(run, [], {})

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from estimators import create_estimator
 from stream.config import EstimatorConfig
-
-from . import create_estimator
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from stream.flicker import RecordsError, read_records
 from stream.outputs import OutputError, PartialFile
+from stream.reports.flicker import RecordsError, read_records
 
 log = logging.getLogger(__name__)
 

@@ -46,32 +46,6 @@ LIVE_WARM_UP_S = 1.0
 WARM_UP_FRAMES = 30
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        nargs="?",
-        help="video file to benchmark the pipeline on; without it, --estimator NAME times "
-        "that estimator alone at batch 1, 8 and 32",
-    )
-    parser.add_argument("--json", help="write the results as JSON here (- for stdout)")
-    parser.add_argument(
-        "--max-frames", type=int, help="use the first N frames of the file (default: all)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=5,
-        help="naive loop and pipeline runs, alternating; the ratio is their median (default 5)",
-    )
-    parser.add_argument(
-        "--live-seconds",
-        type=float,
-        default=10.0,
-        help="seconds of simulated 30 FPS live input measured after 1 s of warm-up "
-        "(0 skips the live part)",
-    )
-
-
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50 and p95 of `samples` in their own unit, rounded; NaN when there are none."""
     if not samples:

@@ -1,0 +1,1 @@
+"""Offline reports: labelled-face accuracy, run label flicker, speed benchmarks, people report."""
