@@ -14,7 +14,9 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+# Inside the package, so an installed wheel has the same defaults; the top-level config.yaml
+# is a link to it.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
 
 # Strict: YAML's "no" or "8" in quotes are text, not a bool or a number; NaN and infinity
 # are no one's intended setting.

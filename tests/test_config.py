@@ -1,12 +1,36 @@
 from __future__ import annotations
 
+import importlib.util
 import re
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
+import stream
 from stream.cli import main
 from stream.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, override
+
+REPO = Path(__file__).resolve().parents[1]
+# Building agestream's wheel takes a few seconds; beyond this the machine is too busy to wait.
+WHEEL_BUILD_LIMIT_S = 120
+# What the wheel test leaves out of its copy of the checkout: VCS, environments, build output.
+NOT_SOURCE = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "runs",
+    "*.mp4",
+    "*.jsonl",
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -17,6 +41,41 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_given_packaged_config_when_loaded_then_it_equals_the_defaults() -> None:
     assert load_config(DEFAULT_CONFIG_PATH) == Config()
+
+
+def test_given_default_config_path_then_it_is_inside_the_stream_package() -> None:
+    package = Path(stream.__file__).resolve().parent
+    assert DEFAULT_CONFIG_PATH.parent == package
+    assert DEFAULT_CONFIG_PATH.is_file() and not DEFAULT_CONFIG_PATH.is_symlink()
+    assert (REPO / "config.yaml").resolve() == DEFAULT_CONFIG_PATH, "top-level link is broken"
+
+
+def test_given_a_built_wheel_then_it_holds_the_packaged_config(tmp_path: Path) -> None:
+    if importlib.util.find_spec("pip") is None:
+        pytest.skip("pip is not installed in this environment")
+    # Built from a copy: setuptools leaves build/ and *.egg-info in the tree it builds, and
+    # stale files in build/lib would go into later wheels.
+    source = tmp_path / "agestream"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    wheels = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels)]
+    try:
+        built = subprocess.run(
+            [*command, str(source)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=WHEEL_BUILD_LIMIT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"building the wheel took over {WHEEL_BUILD_LIMIT_S} s")
+    assert built.returncode == 0, built.stderr[-4000:]
+    (wheel,) = wheels.glob("agestream-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        member = archive.getinfo("stream/config.yaml")
+        mode = member.external_attr >> 16
+        assert stat.S_ISREG(mode) or mode == 0, f"not a regular file in the wheel: {oct(mode)}"
+        assert archive.read(member) == DEFAULT_CONFIG_PATH.read_bytes()
 
 
 def test_given_packaged_config_then_every_key_has_a_comment_above_it() -> None:
