@@ -1,0 +1,518 @@
+"""The browser live view, JSON API, MJPEG streams and Prometheus metrics of `agestream serve`.
+
+An aiohttp application over a stream hub (stream.hub.StreamHub, or anything with the methods of
+`Hub` below). Routes:
+
+    GET    /                    the live page (stream/static/index.html)
+    GET    /static/...          its script and style sheet (code only, no data: no token needed)
+    GET    /api/streams         every stream: [{"id", "source", "state", "fps", "faces",
+                                "tracks": <count>, "dropped", "frames", "latency_ms_p95",
+                                "error"}]
+    POST   /api/streams         {"source": ..., "id": optional} -> 201 and the stream object
+    GET    /api/streams/{id}    one stream, with "tracks" the list of its people
+    DELETE /api/streams/{id}    stop a stream and finalize its outputs -> 204
+    GET    /api/history         ?minutes=10: people in view per 10-s bin, by age group, gender
+    GET    /stream/{id}.mjpg    the annotated frames, multipart/x-mixed-replace
+    GET    /stream/{id}.jpg     the newest annotated frame
+    GET    /metrics             Prometheus text format
+
+With a token every route but /static/ needs it, as `Authorization: Bearer TOKEN` or `?token=TOKEN`
+(an <img> cannot send headers). Errors are JSON `{"error": "..."}` with a 4xx (5xx) status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from stream.config import ConfigError
+from stream.types import StreamStatus, TrackStatus
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+STATES = ("starting", "running", "reconnecting", "ended", "failed")
+BOUNDARY = "agestream-frame"
+MAX_HISTORY_MINUTES = 24 * 60
+POLL_S = 0.02  # how often a viewer looks for a newer frame while there is none
+WRITE_TIMEOUT_S = 5.0  # a viewer that takes longer to accept one frame is dropped
+SECURITY_HEADERS = {
+    # Nothing external may load; the token in a URL never leaks through a Referer.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class Hub(Protocol):
+    """What the web app needs of the runtime (stream.hub.StreamHub has it)."""
+
+    def streams(self) -> list[StreamStatus]: ...
+    def status(self, stream_id: str) -> StreamStatus: ...
+    def add(self, source: str, stream_id: str | None = None) -> StreamStatus: ...
+    def remove(self, stream_id: str) -> None: ...
+    def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None: ...
+    def history(self, minutes: float = 10.0) -> list[dict]: ...
+    def metrics(self) -> dict: ...
+
+
+class ApiError(Exception):
+    """An HTTP error answered as JSON `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+HUB = web.AppKey("hub", Hub)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+CLOSING = web.AppKey("closing", asyncio.Event)
+TIMINGS = web.AppKey("timings", tuple)  # (poll_s, write_timeout_s)
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse, with ConfigError, to serve on anything but a loopback address without a token."""
+    if token:
+        return
+    if host.lower() == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"refusing to serve on {host or 'every address'} without a token: pass --token or "
+            "set AGESTREAM_TOKEN"
+        )
+
+
+def create_app(
+    hub: Hub,
+    token: str | None,
+    *,
+    poll_s: float = POLL_S,
+    write_timeout_s: float = WRITE_TIMEOUT_S,
+) -> web.Application:
+    """The live page, API, MJPEG and metrics over `hub`; every route but /static/ needs `token`
+    when it is given (None: no token)."""
+    if token is not None and not token:
+        raise ValueError("token must be None (no token) or a non-empty string")
+    middlewares = [_json_errors] + ([_token_check(token)] if token else [])
+    app = web.Application(middlewares=middlewares)
+    app[HUB] = hub
+    app[TIMINGS] = (poll_s, write_timeout_s)
+    app[REGISTRY] = CollectorRegistry(auto_describe=False)
+    app[REGISTRY].register(HubCollector(hub))
+    app.on_startup.append(_start)
+    app.on_shutdown.append(_shutdown)
+    app.on_cleanup.append(_cleanup)
+    app.on_response_prepare.append(_add_headers)
+    app.router.add_get("/", _page)
+    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/api/streams", _list_streams)
+    app.router.add_post("/api/streams", _add_stream)
+    app.router.add_get("/api/streams/{id}", _get_stream)
+    app.router.add_delete("/api/streams/{id}", _remove_stream)
+    app.router.add_get("/api/history", _history)
+    app.router.add_get("/stream/{id}.mjpg", _mjpeg)
+    app.router.add_get("/stream/{id}.jpg", _jpeg)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    # Frame fetches (a JPEG encode each) get threads of their own, so viewers never wait
+    # behind a stream being removed in the default executor.
+    app[EXECUTOR] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="agestream-web")
+    app[CLOSING] = asyncio.Event()
+
+
+async def _shutdown(app: web.Application) -> None:
+    app[CLOSING].set()  # ends every MJPEG viewer loop
+
+
+async def _cleanup(app: web.Application) -> None:
+    app[EXECUTOR].shutdown(wait=False, cancel_futures=True)
+
+
+async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
+    if not request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
+def _error_response(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """ApiError, aiohttp's own HTTP errors (unknown route, wrong method, body too large) and
+    unexpected exceptions all become `{"error": ...}` responses."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return _error_response(error.status, error.message)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+        message = {404: f"not found: {request.path}", 405: f"{request.method} not allowed"}
+        return _error_response(
+            error.status, message.get(error.status, error.reason.lower()), headers
+        )
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error_response(500, "internal error (see the server's log)")
+
+
+def _token_check(token: str) -> Callable:
+    expected = token.encode()
+
+    @web.middleware
+    async def check_token(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not request.path.startswith("/static/"):
+            given = _given_token(request)
+            if given is None or not hmac.compare_digest(given.encode(), expected):
+                return _error_response(
+                    401,
+                    "missing or wrong token: send Authorization: Bearer TOKEN or add ?token=TOKEN",
+                    {"WWW-Authenticate": 'Bearer realm="agestream"'},
+                )
+        return await handler(request)
+
+    return check_token
+
+
+def _given_token(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("token")
+
+
+def _number(value: float | None, digits: int) -> float | None:
+    """A JSON-safe rounded number: None for None, NaN and infinities."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def track_json(track: TrackStatus) -> dict[str, Any]:
+    """The API's track object."""
+    return {
+        "track": int(track.track),
+        "age": _number(track.age, 1),
+        "age_uncertainty": _number(track.age_uncertainty, 2),
+        "gender": track.gender,
+        "confidence": _number(track.confidence, 3),
+        "seconds_in_view": _number(track.seconds_in_view, 1),
+    }
+
+
+def stream_json(status: StreamStatus, with_tracks: bool) -> dict[str, Any]:
+    """The API's stream object: "tracks" is the list of track objects when `with_tracks`, else
+    their count."""
+    return {
+        "id": status.id,
+        "source": status.source,
+        "state": status.state,
+        "fps": _number(status.fps, 2),
+        "faces": int(status.faces),
+        "tracks": [track_json(t) for t in status.tracks] if with_tracks else len(status.tracks),
+        "dropped": int(status.dropped),
+        "frames": int(status.frames),
+        "latency_ms_p95": _number(status.latency_ms_p95, 1),
+        "error": status.error,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _status(hub: Hub, stream_id: str) -> StreamStatus:
+    try:
+        return hub.status(stream_id)
+    except KeyError:
+        raise ApiError(404, f"no stream {stream_id!r}") from None
+
+
+async def _page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
+async def _list_streams(request: web.Request) -> web.Response:
+    statuses = request.app[HUB].streams()
+    return web.json_response([stream_json(status, with_tracks=False) for status in statuses])
+
+
+async def _get_stream(request: web.Request) -> web.Response:
+    status = _status(request.app[HUB], request.match_info["id"])
+    return web.json_response(stream_json(status, with_tracks=True))
+
+
+async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
+    """The source and optional id of a POST /api/streams body, or ApiError 400."""
+    usage = 'send a JSON object {"source": "rtsp://... | video file | webcam index", "id": "name"}'
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, f"the body is not JSON: {usage}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body is not a JSON object: {usage}")
+    unknown = sorted(set(body) - {"source", "id"})
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}, expecting source and id")
+    source, stream_id = body.get("source"), body.get("id")
+    if isinstance(source, int) and not isinstance(source, bool):
+        source = str(source)  # a webcam index
+    if not isinstance(source, str) or not source.strip():
+        raise ApiError(400, f'"source" is missing or empty: {usage}')
+    if stream_id is not None and not isinstance(stream_id, str):
+        raise ApiError(400, f'"id" must be a string, got {json.dumps(stream_id)}')
+    return source.strip(), stream_id
+
+
+async def _add_stream(request: web.Request) -> web.Response:
+    source, stream_id = await _read_add_body(request)
+    hub = request.app[HUB]
+    if stream_id is not None and any(status.id == stream_id for status in hub.streams()):
+        raise ApiError(409, f"stream id {stream_id!r} is already in use")
+    loop = asyncio.get_running_loop()
+    try:
+        status = await loop.run_in_executor(request.app[EXECUTOR], hub.add, source, stream_id)
+    except ValueError as error:
+        raise ApiError(400, str(error).strip().splitlines()[0] or "bad source or id") from None
+    location = f"/api/streams/{quote(status.id, safe='')}"
+    return web.json_response(
+        stream_json(status, with_tracks=True), status=201, headers={"Location": location}
+    )
+
+
+async def _remove_stream(request: web.Request) -> web.Response:
+    stream_id = request.match_info["id"]
+    loop = asyncio.get_running_loop()
+    try:
+        # Blocks while the stream's outputs are finalized: the default executor, not the
+        # frame fetchers'.
+        await loop.run_in_executor(None, request.app[HUB].remove, stream_id)
+    except KeyError:
+        raise ApiError(404, f"no stream {stream_id!r}") from None
+    return web.Response(status=204)
+
+
+async def _history(request: web.Request) -> web.Response:
+    text = request.query.get("minutes", "10")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not 0 < minutes <= MAX_HISTORY_MINUTES:
+        raise ApiError(
+            400, f"minutes must be a number over 0 and at most {MAX_HISTORY_MINUTES}, got {text!r}"
+        )
+    loop = asyncio.get_running_loop()
+    bins = await loop.run_in_executor(request.app[EXECUTOR], request.app[HUB].history, minutes)
+    return web.json_response(_json_safe(bins))
+
+
+async def _latest(request: web.Request, stream_id: str, after: int) -> tuple[int, bytes] | None:
+    """The hub's newest frame after `after`, fetched off the event loop; KeyError if the stream
+    is unknown (or was removed)."""
+    loop = asyncio.get_running_loop()
+    hub = request.app[HUB]
+    return await loop.run_in_executor(request.app[EXECUTOR], hub.latest_jpeg, stream_id, after)
+
+
+async def _jpeg(request: web.Request) -> web.Response:
+    stream_id = request.match_info["id"]
+    try:
+        latest = await _latest(request, stream_id, -1)
+    except KeyError:
+        raise ApiError(404, f"no stream {stream_id!r}") from None
+    if latest is None:
+        raise ApiError(404, f"stream {stream_id!r} has no frame yet")
+    return web.Response(body=latest[1], content_type="image/jpeg")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _mjpeg(request: web.Request) -> web.StreamResponse:
+    """Each viewer gets only the newest frame whenever there is a newer one (frames it was too
+    slow for are skipped); a viewer that stalls a write for `write_timeout_s` is dropped, so
+    it holds up nothing but itself. Ends when the client goes, the stream is removed, or the
+    server shuts down."""
+    stream_id = request.match_info["id"]
+    _status(request.app[HUB], stream_id)  # 404 before the multipart response starts
+    poll_s, write_timeout_s = request.app[TIMINGS]
+    closing = request.app[CLOSING]
+    response = web.StreamResponse(
+        headers={"Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}"}
+    )
+    await response.prepare(request)
+    sequence = -1
+    while not closing.is_set() and not _client_gone(request):
+        try:
+            latest = await _latest(request, stream_id, sequence)
+        except KeyError:
+            break  # removed
+        if latest is None:
+            await asyncio.sleep(poll_s)
+            continue
+        sequence, jpeg = latest
+        head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+        try:
+            await asyncio.wait_for(response.write(head.encode() + jpeg + b"\r\n"), write_timeout_s)
+        except (TimeoutError, ConnectionError):
+            log.debug("dropped a viewer of %s that stalled or went away", stream_id)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    try:
+        await asyncio.wait_for(response.write(f"--{BOUNDARY}--\r\n".encode()), write_timeout_s)
+    except (TimeoutError, ConnectionError):
+        pass
+    return response
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    loop = asyncio.get_running_loop()
+    body = await loop.run_in_executor(request.app[EXECUTOR], encoder, request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+class HubCollector:
+    """Prometheus metrics read from `hub.metrics()` at each scrape: per-stream series labelled
+    `stream`, and the estimator batcher's totals."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not fixed up front; nothing is read from the hub at registration
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.hub.metrics()
+        yield from _stream_families(snapshot.get("streams") or [])
+        yield from _batcher_families(snapshot.get("batcher") or {})
+
+
+def _stream_families(streams: list[dict]) -> Iterator[Metric]:
+    labels = ["stream"]
+    count = GaugeMetricFamily("agestream_streams", "Streams being served")
+    count.add_metric([], len(streams))
+    frames = CounterMetricFamily("agestream_stream_frames", "Frames processed", labels=labels)
+    dropped = CounterMetricFamily(
+        "agestream_stream_dropped_frames", "Frames a live source dropped", labels=labels
+    )
+    fps = GaugeMetricFamily("agestream_stream_fps", "Frames processed per second", labels=labels)
+    faces = GaugeMetricFamily("agestream_stream_faces", "Faces in the latest frame", labels=labels)
+    latency = GaugeMetricFamily(
+        "agestream_stream_latency_p95_seconds",
+        "Capture to annotated frame, 95th percentile over the last frames",
+        labels=labels,
+    )
+    state = GaugeMetricFamily(
+        "agestream_stream_state", "1 for the stream's current state", labels=["stream", "state"]
+    )
+    for stream in streams:
+        name = [str(stream["id"])]
+        frames.add_metric(name, stream.get("frames") or 0)
+        dropped.add_metric(name, stream.get("dropped") or 0)
+        fps.add_metric(name, _number(stream.get("fps"), 3) or 0.0)
+        faces.add_metric(name, stream.get("faces") or 0)
+        if _number(stream.get("latency_ms_p95"), 3) is not None:
+            latency.add_metric(name, stream["latency_ms_p95"] / 1000)
+        current = stream.get("state")
+        for each in STATES + (() if current in STATES or current is None else (current,)):
+            state.add_metric(name + [each], 1.0 if each == current else 0.0)
+    yield from (count, frames, dropped, fps, faces, latency, state)
+
+
+def _batcher_families(batcher: dict) -> Iterator[Metric]:
+    calls = CounterMetricFamily("agestream_batcher_calls", "Batched estimator calls")
+    calls.add_metric([], batcher.get("calls") or 0)
+    faces = CounterMetricFamily("agestream_batcher_faces", "Faces estimated in batched calls")
+    faces.add_metric([], batcher.get("faces") or 0)
+    mean = GaugeMetricFamily("agestream_batcher_mean_batch", "Mean faces per batched call")
+    mean.add_metric([], _number(batcher.get("mean_batch"), 3) or 0.0)
+    yield from (calls, faces, mean)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def _serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    stop: threading.Event,
+    on_ready: Callable[[int], None] | None,
+) -> None:
+    # No access log: a ?token= in a URL must not land in logs.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        log.info("serving the live page on http://%s:%d/", _url_host(host), bound)
+        if on_ready is not None:
+            on_ready(bound)
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+    finally:
+        await runner.cleanup()
+
+
+def serve_forever(
+    hub: Hub,
+    host: str,
+    port: int,
+    token: str | None,
+    stop: threading.Event,
+    on_ready: Callable[[int], None] | None = None,
+    **app_options: float,
+) -> None:
+    """Serve `create_app(hub, token, **app_options)` on host:port until `stop` is set (port 0:
+    any free port; `on_ready` gets the bound port once it listens). ConfigError
+    (check_exposure) for a non-loopback host without a token; OSError when the address cannot
+    be bound."""
+    check_exposure(host, token)
+    asyncio.run(_serve(create_app(hub, token, **app_options), host, port, stop, on_ready))

@@ -1,0 +1,160 @@
+"""A stand-in for stream.hub.StreamHub with its exact methods: generated JPEG frames and made-up
+statuses, no sources or models, for the web app's tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from stream.types import StreamStatus, TrackStatus
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class FakeStream:
+    """One made-up stream: frame n is drawn when asked for, at `fps` frames per second."""
+
+    def __init__(self, stream_id: str, source: str, fps: float, size: tuple[int, int]) -> None:
+        self.id = stream_id
+        self.source = source
+        self.fps = fps
+        self.size = size
+        self.started = time.monotonic()
+        self.cached: tuple[int, bytes] | None = None
+        self.encoded = 0  # frames JPEG-encoded (what viewers asked for)
+
+    def sequence(self) -> int:
+        return int((time.monotonic() - self.started) * self.fps)
+
+    def jpeg(self, sequence: int) -> bytes:
+        if self.cached is None or self.cached[0] != sequence:
+            width, height = self.size
+            x = np.linspace(0, 255, width, dtype=np.float32)
+            image = np.empty((height, width, 3), np.uint8)
+            image[:] = np.stack([x, x[::-1], np.full_like(x, (sequence * 7) % 256)], -1)
+            # Noise keeps the JPEG large enough for a stalled viewer to fill socket buffers.
+            noise = np.random.default_rng(sequence).integers(0, 40, (height, width, 3), np.uint8)
+            image = cv2.add(image, noise)
+            box = (sequence * 9) % max(1, width - 60)
+            cv2.rectangle(image, (box, height // 3), (box + 60, height // 3 + 60), (0, 255, 0), 3)
+            cv2.putText(
+                image, f"{self.id} #{sequence}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8,
+                (255, 255, 255), 2,
+            )  # fmt: skip
+            ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            assert ok
+            self.cached = (sequence, data.tobytes())
+            self.encoded += 1
+        return self.cached[1]
+
+    def status(self) -> StreamStatus:
+        age = time.monotonic() - self.started
+        tracks = (
+            TrackStatus(1, 34.4, 1.6, "female", 0.93, round(age, 1)),
+            TrackStatus(2, 61.0, None, "unsure", None, round(age / 2, 1)),
+            TrackStatus(3, None, None, None, None, 0.4),
+        )
+        return StreamStatus(
+            id=self.id,
+            source=self.source,
+            state="running",
+            fps=self.fps,
+            faces=len(tracks),
+            tracks=tracks,
+            dropped=int(age),
+            frames=self.sequence() + 1,
+            latency_ms_p95=42.5,
+        )
+
+
+class FakeHub:
+    """StreamHub's interface over FakeStreams. Sources starting with "bad:" are refused."""
+
+    def __init__(self, fps: float = 20.0, size: tuple[int, int] = (320, 180)) -> None:
+        self.fps = fps
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: dict[str, FakeStream] = {}
+        self.removed: list[str] = []
+        self.closed = False
+
+    def streams(self) -> list[StreamStatus]:
+        with self.lock:
+            return [stream.status() for stream in self.items.values()]
+
+    def status(self, stream_id: str) -> StreamStatus:
+        with self.lock:
+            return self.items[stream_id].status()
+
+    def add(self, source: str, stream_id: str | None = None) -> StreamStatus:
+        if not source or source.startswith("bad:"):
+            raise ValueError(f"cannot open {source!r}: not a webcam index, URL or video file")
+        with self.lock:
+            if stream_id is None:
+                stream_id = next(f"cam{n}" for n in range(1, 10_000) if f"cam{n}" not in self.items)
+            if not ID_PATTERN.fullmatch(stream_id):
+                raise ValueError(f"invalid stream id {stream_id!r}: use letters, digits, _ . -")
+            if stream_id in self.items:
+                raise ValueError(f"stream id {stream_id!r} is already in use")
+            stream = FakeStream(stream_id, source, self.fps, self.size)
+            self.items[stream_id] = stream
+            return dataclasses.replace(stream.status(), state="starting")  # as the hub does
+
+    def remove(self, stream_id: str) -> None:
+        with self.lock:
+            del self.items[stream_id]
+            self.removed.append(stream_id)
+        time.sleep(0.05)  # the real one finalizes outputs
+
+    def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None:
+        with self.lock:
+            stream = self.items[stream_id]
+            sequence = stream.sequence()
+            if sequence <= after:
+                return None
+            return sequence, stream.jpeg(sequence)
+
+    def history(self, minutes: float = 10.0) -> list[dict]:
+        now = time.time()
+        first = int((now - minutes * 60) // 10 * 10)
+        bins = []
+        for t in range(first, int(now) + 1, 10):
+            wave = 1 + math.sin(t / 60)
+            bins.append(
+                {
+                    "t": float(t),
+                    "age_groups": {
+                        "0-9": 0, "10-19": 1, "20-39": round(2 * wave), "40-59": 1,
+                        "60+": round(wave),
+                    },
+                    "genders": {"male": round(2 * wave), "female": 2, "unsure": round(wave)},
+                }
+            )  # fmt: skip
+        return bins
+
+    def metrics(self) -> dict:
+        streams = self.streams()
+        return {
+            "streams": [
+                {
+                    "id": s.id,
+                    "frames": s.frames,
+                    "dropped": s.dropped,
+                    "fps": s.fps,
+                    "faces": s.faces,
+                    "latency_ms_p95": s.latency_ms_p95,
+                    "state": s.state,
+                }
+                for s in streams
+            ],
+            "batcher": {"calls": 120, "faces": 300, "mean_batch": 2.5},
+        }
+
+    def close(self) -> None:
+        self.closed = True
