@@ -105,12 +105,32 @@ class OutputConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
+class StreamEntry:
+    """One stream `agestream serve` starts with: a source argument and an optional id."""
+
+    source: Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]
+    id: Annotated[str, Field(min_length=1)] | None = None
+
+
+@dataclass(frozen=True, config=STRICT)
+class ServeConfig:
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    loop: bool = False
+    output_dir: Annotated[str, Field(min_length=1)] | None = None
+    streams: tuple[StreamEntry, ...] = ()
+
+
+@dataclass(frozen=True, config=STRICT)
 class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     models_dir: Annotated[str, Field(min_length=1)] | None = None
 
 
@@ -142,6 +162,10 @@ def _describe(error: ValidationError, where: str) -> ConfigError:
     )
 
 
+# Keys whose value is a list of mappings, each built as this dataclass.
+_LISTS_OF: dict[str, type] = {"streams": StreamEntry}
+
+
 def _build(cls: type, values: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested dataclasses."""
     if values is None:
@@ -159,6 +183,9 @@ def _build(cls: type, values: Any, where: str) -> Any:
         default = fields[key].default_factory() if callable(fields[key].default_factory) else None
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, path)
+        elif key in _LISTS_OF and isinstance(value, list):
+            item = _LISTS_OF[key]
+            kwargs[key] = tuple(_build(item, v, f"{path}[{i}]") for i, v in enumerate(value))
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

@@ -25,7 +25,7 @@ import cv2
 from tqdm import tqdm
 
 from detectors import Detector, create_detector
-from estimators import create_estimator
+from estimators import Estimator, create_estimator
 from stream.analyzer import FACE_CHECK_SIZE, FaceAnalyzer, detector_config_for_checks
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
 from stream.config import Config, OutputConfig, package_version
@@ -338,7 +338,7 @@ def build_stages(
     return Stages(capture, detection, processing, results)
 
 
-def _stop_stages(stages: Stages, summary: RunSummary, source: VideoSource) -> None:
+def stop_stages(stages: Stages, summary: RunSummary, source: VideoSource) -> None:
     """Stop every thread and fill in the summary; a second Ctrl-C meanwhile is ignored, so
     that the outputs are finalized whatever the user presses."""
     _ignore_interrupts_while_finishing()
@@ -373,6 +373,16 @@ def _face_checker(config: Config, stack: ExitStack) -> Detector | None:
         return None
     settings = detector_config_for_checks(config.detector)
     return stack.enter_context(create_detector(settings, FACE_CHECK_SIZE, config.models_dir))
+
+
+def build_processor(
+    config: Config, info: SourceInfo, estimator: Estimator, stack: ExitStack
+) -> FrameProcessor:
+    """A source's own detector, face checker, tracker and smoothing around `estimator` (its
+    own, or a batcher shared with other sources); the detectors close with `stack`."""
+    detector = stack.enter_context(create_detector(config.detector, info.width, config.models_dir))
+    analyzer = FaceAnalyzer(detector, estimator, _face_checker(config, stack))
+    return FrameProcessor(analyzer, config.tracking, info.fps)
 
 
 def _snapshots(output: OutputConfig, info: SourceInfo) -> Snapshots:
@@ -420,9 +430,9 @@ def _drain(
             try:
                 item = stages.results.get(timeout=POLL_S)
             except Empty:
-                _write_events(events, outputs, stages.processing.first_timestamp)
+                write_events(events, outputs, stages.processing.first_timestamp)
                 continue  # a reconnecting live source delivers no frames meanwhile
-            _write_events(events, outputs, stages.processing.first_timestamp)
+            write_events(events, outputs, stages.processing.first_timestamp)
             if item is END_OF_STREAM:
                 return True
             result, image, ended = item
@@ -440,7 +450,7 @@ def _drain(
                 return False
 
 
-def _write_events(events: deque[SourceEvent], outputs: RunOutputs, start: float | None) -> None:
+def write_events(events: deque[SourceEvent], outputs: RunOutputs, start: float | None) -> None:
     while events:
         outputs.write_event(event_record(events.popleft(), start))
 
@@ -472,15 +482,8 @@ def run(
         cv2.setNumThreads(1)
         info = stack.enter_context(source.open()).info
         log.info("source %s: %s", info.source_id, describe(info))
-        detector = stack.enter_context(
-            create_detector(config.detector, info.width, config.models_dir)
-        )
-        analyzer = FaceAnalyzer(
-            detector,
-            create_estimator(config.estimator, config.models_dir),
-            _face_checker(config, stack),
-        )
-        processor = FrameProcessor(analyzer, config.tracking, info.fps)
+        estimator = create_estimator(config.estimator, config.models_dir)
+        processor = build_processor(config, info, estimator, stack)
         outputs = RunOutputs(config.output, info.width, info.height, info.fps)
         outputs.write_event(start_record(info, source.file_path, config.estimator.name))
         # Reported after the outputs close (callbacks unwind last-in first-out), so that a
@@ -494,7 +497,7 @@ def run(
         scale = font_scale(info.width, info.height, window.shown if window else 1.0)
         stages = build_stages(processor, source, config.source.queue_size, source.stop_event, scale)
         summary.source_id = info.source_id
-        stack.callback(_stop_stages, stages, summary, source)
+        stack.callback(stop_stages, stages, summary, source)
         # Everything loaded so far (frameworks, models) lives for the whole run: keep it out of
         # the garbage collector's full passes, which otherwise rescan it again and again.
         gc.freeze()

@@ -240,8 +240,17 @@ class RunOutputs:
     every frame, the tracks CSV a row per track built from those same frames.
     """
 
-    def __init__(self, output: OutputConfig, width: int, height: int, fps: float) -> None:
+    def __init__(
+        self,
+        output: OutputConfig,
+        width: int,
+        height: int,
+        fps: float,
+        stamp: dict | None = None,
+    ) -> None:
         self.video = self.json = self.tracks = None
+        # Keys put first into every JSON record (a served stream's {"stream": id}).
+        self._stamp = dict(stamp or {})
         self._ledger = TrackLedger()
         self._opened: list = []
         try:
@@ -264,12 +273,12 @@ class RunOutputs:
         if self.video is not None:
             self.video.write(image)
         if self.json is not None:
-            self.json.write(frame_record(result))
+            self.json.write({**self._stamp, **frame_record(result)})
         self._ledger.add(result)
 
     def write_event(self, record: dict) -> None:
         if self.json is not None:
-            self.json.write(record)
+            self.json.write({**self._stamp, **record})
 
     def tracks_ended(self, track_ids: list[int]) -> None:
         summaries = self._ledger.end(track_ids)

@@ -91,7 +91,7 @@ def test_given_unknown_top_level_key_then_error_names_it_and_the_valid_keys(tmp_
         load_config(write(tmp_path, "detectr:\n  model: full\n"))
     message = str(error.value)
     assert "'detectr'" in message
-    assert "detector, estimator, models_dir, output, source, tracking" in message
+    assert "detector, estimator, models_dir, output, serve, source, tracking" in message
 
 
 def test_given_unknown_nested_key_then_error_names_its_path(tmp_path: Path) -> None:
@@ -171,5 +171,19 @@ def test_given_unknown_key_when_cli_runs_then_one_line_and_exit_2(
     assert code == 2
     assert err == [
         f"agestream: config error: {path}: unknown config key 'outputs'; "
-        "valid keys here: detector, estimator, models_dir, output, source, tracking"
+        "valid keys here: detector, estimator, models_dir, output, serve, source, tracking"
     ]
+
+
+def test_given_serve_streams_when_loaded_then_entries_are_checked(tmp_path: Path) -> None:
+    text = (
+        "serve:\n  port: 9000\n  streams:\n    - {id: door, source: door.mp4}\n    - {source: 0}\n"
+    )
+    serve = load_config(write(tmp_path, text)).serve
+
+    assert serve.port == 9000
+    assert [(s.id, s.source) for s in serve.streams] == [("door", "door.mp4"), (None, 0)]
+    with pytest.raises(ConfigError, match=r"'serve\.streams\[0\]\.url'.*id, source"):
+        load_config(write(tmp_path, "serve:\n  streams:\n    - {url: x}\n"))
+    with pytest.raises(ConfigError, match=r"serve\.port"):
+        load_config(write(tmp_path, "serve:\n  port: 70000\n"))
