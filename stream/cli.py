@@ -22,7 +22,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # Commands whose config names an estimator: its names are checked before anything loads.
-ESTIMATOR_COMMANDS = ("run", "evaluate", "bench")
+ESTIMATOR_COMMANDS = ("run", "evaluate", "bench", "serve")
 
 
 def positive_int(text: str) -> int:
@@ -118,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     _add_run(commands)
+
+    serve = commands.add_parser(
+        "serve", help="several sources in one process, with a live page and a JSON API"
+    )
+    serve.add_argument(
+        "sources", nargs="*", metavar="SOURCE", help="as for run; also the config's serve.streams"
+    )
+    _add_common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=positive_int, help="port to listen on (default 8080)")
+    serve.add_argument(
+        "--token",
+        help="access token every request must carry (default $AGESTREAM_TOKEN); "
+        "required to listen beyond this machine",
+    )
+    serve.add_argument("--loop", action="store_true", help="start files over at their end")
+    serve.add_argument("--output-dir", help="write each stream's ID.mp4, ID.jsonl and ID.csv here")
 
     evaluate = commands.add_parser(
         "evaluate", help="score on folders of labelled face crops (labels.csv or UTKFace names)"
@@ -223,6 +240,11 @@ def _config_from(args: argparse.Namespace) -> Config:
             tracks=args.tracks,
         )
         config = override(config, "tracking", reestimate_every=args.reestimate_every)
+    if args.command == "serve":
+        config = override(
+            config, "serve", host=args.host, port=args.port, output_dir=args.output_dir,
+            loop=True if args.loop else None,
+        )  # fmt: skip
     if args.command in ESTIMATOR_COMMANDS:
         _check_estimators(config, args)
     return config
@@ -263,6 +285,15 @@ def _cmd_run_images(config: Config, args: argparse.Namespace) -> int:
         print(summary.format() + "\n  (interrupted)", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from stream.serve import ServeOptions, access_token, serve
+
+    options = ServeOptions(tuple(args.sources), access_token(args.token))
+    for summary in serve(config, options, threading.Event()):
+        print(summary, file=sys.stderr)
     return 0
 
 
@@ -391,6 +422,7 @@ def _cmd_bench(config: Config, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": _cmd_run,
+    "serve": _cmd_serve,
     "bench": _cmd_bench,
     "evaluate": _cmd_evaluate,
     "evaluate-video": _cmd_evaluate_video,

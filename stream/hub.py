@@ -467,8 +467,9 @@ class StreamHub:
             },
         }
 
-    def close(self) -> None:
-        """Stop every stream and finalize every output; the streams stop together."""
+    def close(self) -> list[str]:
+        """Stop every stream and finalize every output (the streams stop together); each
+        stream's summary, with the outputs it wrote."""
         with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
@@ -480,6 +481,7 @@ class StreamHub:
             if stream.is_alive():
                 log.warning("stream %s: still stopping", stream.id)
         cv2.setNumThreads(self._cv2_threads)
+        return [stream.summary.format() for stream in streams]
 
     def __enter__(self) -> StreamHub:
         return self

@@ -341,7 +341,7 @@ def build_stages(
 def stop_stages(stages: Stages, summary: RunSummary, source: VideoSource) -> None:
     """Stop every thread and fill in the summary; a second Ctrl-C meanwhile is ignored, so
     that the outputs are finalized whatever the user presses."""
-    _ignore_interrupts_while_finishing()
+    ignore_interrupts_while_finishing()
     stages.capture.stop_event.set()
     for stage in reversed(stages.threads):
         stage.join(JOIN_TIMEOUT_S)
@@ -355,7 +355,7 @@ def stop_stages(stages: Stages, summary: RunSummary, source: VideoSource) -> Non
     summary.faces_estimated = processing.processor.faces_estimated
 
 
-def _ignore_interrupts_while_finishing() -> None:
+def ignore_interrupts_while_finishing() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 

@@ -441,7 +441,7 @@ def _stream_families(streams: list[dict]) -> Iterator[Metric]:
         "agestream_stream_dropped_frames", "Frames a live source dropped", labels=labels
     )
     fps = GaugeMetricFamily("agestream_stream_fps", "Frames processed per second", labels=labels)
-    faces = GaugeMetricFamily("agestream_stream_faces", "Faces in the latest frame", labels=labels)
+    faces = CounterMetricFamily("agestream_stream_faces", "Faces detected so far", labels=labels)
     latency = GaugeMetricFamily(
         "agestream_stream_latency_p95_seconds",
         "Capture to annotated frame, 95th percentile over the last frames",

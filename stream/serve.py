@@ -1,0 +1,66 @@
+"""`agestream serve`: several sources in one process behind one batched estimator, with the
+live page and JSON API, until Ctrl-C or SIGTERM; every stream's outputs are finalized then."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from estimators import create_estimator
+from stream.batcher import EstimateBatcher
+from stream.config import Config, StreamEntry
+from stream.hub import StreamHub
+from stream.pipeline import ignore_interrupts_while_finishing
+from stream.web import check_exposure, serve_forever
+
+log = logging.getLogger(__name__)
+
+TOKEN_VARIABLE = "AGESTREAM_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the command line adds to the config's `serve` section."""
+
+    sources: tuple[str, ...]
+    token: str | None
+
+
+def access_token(given: str | None) -> str | None:
+    """--token, else AGESTREAM_TOKEN; an empty value is no token."""
+    token = given if given is not None else os.environ.get(TOKEN_VARIABLE)
+    return token or None
+
+
+def starting_streams(config: Config, sources: tuple[str, ...]) -> list[StreamEntry]:
+    """The config's streams, then the command line's sources."""
+    return [*config.serve.streams, *(StreamEntry(source=source) for source in sources)]
+
+
+def serve(config: Config, options: ServeOptions, stop: threading.Event) -> list[str]:
+    """Serve until `stop` is set or Ctrl-C/SIGTERM (KeyboardInterrupt: how a server is meant
+    to stop); returns each stream's summary once every output is finalized. Refuses
+    (ConfigError) to expose the server beyond this machine without a token, before anything
+    loads."""
+    settings = config.serve
+    check_exposure(settings.host, options.token)
+    entries = starting_streams(config, options.sources)
+    if not entries:
+        log.warning("no source given: add streams on the page or with POST /api/streams")
+    estimator = create_estimator(config.estimator, config.models_dir)
+    with (
+        EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms) as batcher,
+        StreamHub(config, batcher, settings.output_dir, settings.loop) as hub,
+    ):
+        for entry in entries:
+            hub.add(str(entry.source), entry.id)
+        try:
+            serve_forever(hub, settings.host, settings.port, options.token, stop)
+        except KeyboardInterrupt:
+            log.info("stopping: finalizing every stream's outputs")
+        finally:
+            ignore_interrupts_while_finishing()
+            summaries = hub.close()
+    return summaries

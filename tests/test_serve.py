@@ -1,0 +1,215 @@
+"""`agestream serve` for real: two shared clips in one process, the JSON API over real sockets,
+the live page in headless Chromium, and SIGINT/SIGTERM finalizing every stream's outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, require
+
+S32 = VIDEOS / "livePortrait__source__s32.mp4"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+START_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    output_dir: Path
+    token: str | None
+
+    def call(self, method: str, path: str, body: object = None, token: str | None = None):
+        """(status, parsed JSON or text) of one request; `token` defaults to the server's."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        if (token or self.token) is not None:
+            request.add_header("Authorization", f"Bearer {token or self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        is_json = text.startswith(("{", "["))
+        return status, json.loads(text) if is_json else text
+
+    def wait_running(self, count: int) -> list[dict]:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                status, streams = self.call("GET", "/api/streams")
+                running = [s for s in streams if s["state"] == "running" and s["frames"] > 30]
+                if status == 200 and len(running) >= count:
+                    return streams
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"{count} streams not running in {START_S} s")
+
+    def stop(self, signum: int = signal.SIGINT) -> str:
+        self.process.send_signal(signum)
+        _, stderr = self.process.communicate(timeout=30)
+        return stderr
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    started: list[Server] = []
+
+    def start(*sources: Path, token: str | None = None) -> Server:
+        port, output_dir = free_port(), tmp_path / "out"
+        command = [sys.executable, "-m", "stream", "serve", *map(str, sources), "--loop"]
+        command += ["--port", str(port), "--output-dir", str(output_dir)]
+        env = {**os.environ, "AGESTREAM_TOKEN": token or ""}
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        started.append(Server(process, port, output_dir, token))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.process.kill()
+        server.process.communicate()
+
+
+def test_given_two_clips_then_the_api_lists_adds_and_removes_streams(serve) -> None:
+    server = serve(require(S32), require(HAMILTON))
+    streams = server.wait_running(2)
+    assert [s["id"] for s in streams] == [S32.stem, HAMILTON.stem]
+    assert all(s["fps"] > 5 and s["frames"] > 0 for s in streams)
+    status, added = server.call("POST", "/api/streams", {"source": str(S32), "id": "third"})
+    assert status == 201 and added["id"] == "third"
+    assert server.call("POST", "/api/streams", {"source": "/no/such.mp4"})[0] == 400
+    assert server.call("POST", "/api/streams", {"source": str(S32), "id": "third"})[0] == 409
+    assert server.call("POST", "/api/streams", "not an object")[0] == 400
+    server.wait_running(3)
+    status, third = server.call("GET", "/api/streams/third")
+    assert status == 200 and isinstance(third["tracks"], list)
+    assert server.call("DELETE", "/api/streams/third")[0] == 204
+    assert server.call("DELETE", "/api/streams/third")[0] == 404
+    assert [s["id"] for s in server.call("GET", "/api/streams")[1]] == [S32.stem, HAMILTON.stem]
+    status, metrics = server.call("GET", "/metrics")
+    assert status == 200 and f'agestream_stream_frames_total{{stream="{S32.stem}"}}' in metrics
+    assert "agestream_batcher_mean_batch" in metrics
+    stderr = server.stop()
+    assert server.process.returncode == 0, stderr
+    assert (server.output_dir / "third.jsonl").is_file(), "a removed stream's outputs are kept"
+
+
+def test_given_a_token_then_requests_without_it_are_refused(serve) -> None:
+    server = serve(require(S32), token="s3cret")
+    server.wait_running(1)
+    assert server.call("GET", "/api/streams", token="wrong")[0] == 401
+    assert server.call("GET", f"/api/streams?token={server.token}")[0] == 200
+    server.stop()
+
+
+def test_given_a_host_beyond_loopback_without_a_token_then_serve_refuses_at_once() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "serve", str(require(S32)), "--host", "0.0.0.0"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "AGESTREAM_TOKEN": ""},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "agestream: config error: refusing to serve on 0.0.0.0 without a token: "
+        "pass --token or set AGESTREAM_TOKEN"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_given_serving_when_signalled_then_every_streams_outputs_are_finalized(
+    serve, signum: int
+) -> None:
+    server = serve(require(S32), require(HAMILTON))
+    server.wait_running(2)
+    time.sleep(2.0)
+    stderr = server.stop(signum)
+    assert server.process.returncode == 0, stderr
+    for stem in (S32.stem, HAMILTON.stem):
+        jsonl, video = server.output_dir / f"{stem}.jsonl", server.output_dir / f"{stem}.mp4"
+        records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        frames = [r for r in records if "frame" in r]
+        assert frames and all(r["stream"] == stem for r in records)
+        assert decoded_frame_count(video) == len(frames)
+        assert f"wrote {jsonl} ({len(records)} lines)" in stderr
+    assert not list(server.output_dir.glob("*.partial.*"))
+
+
+def test_given_two_clips_served_then_chromium_shows_both_live_with_tracks(
+    serve, tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs playwright: pip install -e '.[dev]'")
+    from playwright.sync_api import sync_playwright
+
+    server = serve(require(S32), require(HAMILTON))
+    server.wait_running(2)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 960})
+            page.goto(f"http://127.0.0.1:{server.port}/", timeout=20_000)
+            check_both_live(page)
+            shot = tmp_path / "serve-page.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("AGESTREAM_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["AGESTREAM_SCREENSHOT_DIR"]) / "serve-page.png")
+    server.stop()
+
+
+def check_both_live(page: object) -> None:
+    """Both streams' images load and change, and their stats show FPS and a track row."""
+    page.wait_for_function(
+        "() => { const i = [...document.querySelectorAll('img.live')];"
+        " return i.length === 2 && i.every(x => x.complete && x.naturalWidth > 0); }",
+        timeout=20_000,
+    )
+    for stream_id in (S32.stem, HAMILTON.stem):
+        image = page.locator(f'article[data-stream="{stream_id}"] img.live')
+        first = image.screenshot()
+        page.wait_for_timeout(500)
+        assert image.screenshot() != first, f"{stream_id}'s image did not change"
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.stats')].every(s => /\\d+\\.\\d FPS/.test("
+        "s.textContent)) && [...document.querySelectorAll('article.stream')].every("
+        "a => a.querySelectorAll('tbody tr').length >= 1)",
+        timeout=20_000,
+    )
