@@ -70,7 +70,7 @@ class EstimateBatcher:
         max_wait_ms: how long a call waits for more requests after the first.
         timeout_s: how long `estimate` waits for its answer.
 
-    Counters: `calls` (successful model calls), `faces`, `requests`, `errors` (requests
+    Counters: `calls` (successful model calls with faces), `faces`, `requests`, `errors` (requests
     answered with the model's error); `mean_batch` is faces per call.
     """
 
@@ -203,7 +203,7 @@ class EstimateBatcher:
             request.answer(take_rows(estimates, start, start + request.faces))
             start += request.faces
         self._empty = take_rows(estimates, 0, 0)
-        self.calls += 1
+        self.calls += start > 0  # the one call that learns the empty answer is no batch
         self.faces += start
         self.requests += len(batch)
 

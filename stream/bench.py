@@ -70,6 +70,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds of simulated 30 FPS live input measured after 1 s of warm-up "
         "(0 skips the live part)",
     )
+    parser.add_argument(
+        "--streams",
+        metavar="N[,N...]",
+        help="serve N copies of the file through one batched estimator against the single "
+        "stream (stream/streams_bench.py); --rounds 0 skips that file part",
+    )
+    parser.add_argument(
+        "--live-fps",
+        type=float,
+        help="with --streams: also the largest N as live cameras at this FPS for --live-seconds",
+    )
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -353,6 +364,10 @@ def format_results(results: dict) -> str:
 
 def run_bench(config: Config, args: argparse.Namespace) -> int:
     """Benchmark `args.source`; prints a table and optionally writes JSON. Returns 0."""
+    if getattr(args, "streams", None):
+        from stream.streams_bench import run_streams_bench
+
+        return run_streams_bench(config, args)
     source = args.source
     if VideoSource(source).spec.kind != "file":
         raise ValueError(f"bench needs a video file, but got {VideoSource(source).source_id}")
