@@ -220,11 +220,12 @@ class ServedStream(threading.Thread):
             self._write_events(outputs, stages)
             if item is END_OF_STREAM:
                 return
+            annotated_at = time.monotonic()
             result, image, ended = item
             if outputs is not None:
                 outputs.tracks_ended(ended)
                 outputs.write(result, image)
-            self._keep(result, image, ended, time.monotonic())
+            self._keep(result, image, ended, annotated_at)
 
     def _write_events(self, outputs: RunOutputs | None, stages: Stages) -> None:
         if outputs is not None:
