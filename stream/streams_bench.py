@@ -130,7 +130,10 @@ def file_mode(config: Config, source: str, counts: list[int], rounds: int, batch
             for count in counts:
                 log.info("bench --streams: round %d of %d: %d streams", number, rounds, count)
                 hubs[count].append(hub_run(config, source, count, batcher, Path(scratch)))
-    results = {"single_fps": round(float(np.median(single)), 2), "single_fps_per_round": single}
+    results = {
+        "single_fps": round(float(np.median(single)), 2),
+        "single_fps_per_round": [round(fps, 2) for fps in single],
+    }
     for count in counts:
         runs = hubs[count]
         ratios = [run["fps"] / alone for run, alone in zip(runs, single)]
