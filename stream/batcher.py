@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # How often the model thread looks at the stop event while idle.
 POLL_S = 0.1
+# A thread that asked for estimates this recently may ask again soon: a call waits for it
+# (up to max_wait_ms); once every such thread's request is in, the call goes at once.
+ACTIVE_CALLER_S = 2.0
 # The longest a caller waits for its estimates: the model's first calls (allocation) included.
 DEFAULT_TIMEOUT_S = 10.0
 JOIN_TIMEOUT_S = 2.0
@@ -70,7 +73,7 @@ class EstimateBatcher:
         max_wait_ms: how long a call waits for more requests after the first.
         timeout_s: how long `estimate` waits for its answer.
 
-    Counters: `calls` (successful model calls), `faces`, `requests`, `errors` (requests
+    Counters: `calls` (successful model calls with faces), `faces`, `requests`, `errors` (requests
     answered with the model's error); `mean_batch` is faces per call.
     """
 
@@ -97,6 +100,7 @@ class EstimateBatcher:
         self.calls = self.faces = self.requests = self.errors = 0
         self._empty: Estimates | None = None  # the model's answer to no faces, once known
         self._pending: deque[_Request] = deque()
+        self._callers: dict[int, float] = {}  # thread id -> when it last asked
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="estimate-batcher", daemon=True)
@@ -139,6 +143,7 @@ class EstimateBatcher:
             if self._stop.is_set():
                 raise BatcherError("estimate batcher is closed")
             self._pending.append(request)
+            self._callers[threading.get_ident()] = time.monotonic()
             self._cond.notify_all()
         if not request.done.wait(self.timeout_s):
             with self._cond:
@@ -162,7 +167,8 @@ class EstimateBatcher:
             batch = [self._pending.popleft()]
             total = batch[0].faces
             deadline = time.monotonic() + self.max_wait_s
-            while total < self.max_batch and not self._stop.is_set():
+            callers = self._active_callers(time.monotonic())
+            while total < self.max_batch and len(batch) < callers and not self._stop.is_set():
                 if not self._pending:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
@@ -173,6 +179,12 @@ class EstimateBatcher:
                 batch.append(self._pending.popleft())
                 total += batch[-1].faces
             return [request for request in batch if not request.abandoned]
+
+    def _active_callers(self, now: float) -> int:
+        """Threads that asked within ACTIVE_CALLER_S (forgetting the others); with the lock."""
+        for ident in [i for i, at in self._callers.items() if now - at > ACTIVE_CALLER_S]:
+            del self._callers[ident]
+        return len(self._callers)
 
     def _call(self, batch: list[_Request]) -> Estimates:
         """One model call for every request of `batch`."""
@@ -203,7 +215,7 @@ class EstimateBatcher:
             request.answer(take_rows(estimates, start, start + request.faces))
             start += request.faces
         self._empty = take_rows(estimates, 0, 0)
-        self.calls += 1
+        self.calls += start > 0  # the one call that learns the empty answer is no batch
         self.faces += start
         self.requests += len(batch)
 

@@ -69,6 +69,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds of simulated 30 FPS live input measured after 1 s of warm-up "
         "(0 skips the live part)",
     )
+    parser.add_argument(
+        "--streams",
+        metavar="N[,N...]",
+        help="serve N copies of the file through one batched estimator against the single "
+        "stream; --rounds 0 skips that file part",
+    )
+    parser.add_argument(
+        "--live-fps",
+        type=float,
+        help="with --streams: also the largest N as live cameras at this FPS for --live-seconds",
+    )
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ its stream "failed", and every wait has a timeout.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import re
@@ -202,6 +203,7 @@ class ServedStream(threading.Thread):
         stages = build_stages(processor, source, config.source.queue_size, source.stop_event, scale)
         self.stages = stages
         stack.callback(stop_stages, stages, self.summary, source)
+        gc.freeze()  # as in run: the models just loaded stay out of the collector's full passes
         for stage in stages.threads:
             stage.start()
         self._consume(stages, outputs)
@@ -220,11 +222,12 @@ class ServedStream(threading.Thread):
             self._write_events(outputs, stages)
             if item is END_OF_STREAM:
                 return
+            annotated_at = time.monotonic()
             result, image, ended = item
             if outputs is not None:
                 outputs.tracks_ended(ended)
                 outputs.write(result, image)
-            self._keep(result, image, ended, time.monotonic())
+            self._keep(result, image, ended, annotated_at)
 
     def _write_events(self, outputs: RunOutputs | None, stages: Stages) -> None:
         if outputs is not None:

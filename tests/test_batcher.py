@@ -108,16 +108,35 @@ def test_given_more_faces_than_max_batch_when_batched_then_calls_split_at_reques
 
 def test_given_max_wait_when_a_second_request_comes_within_it_then_both_in_one_call() -> None:
     fake = FakeEstimator()
-    with EstimateBatcher(fake, max_wait_ms=300) as batcher, ThreadPoolExecutor(2) as pool:
+    pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]  # two streams' threads
+    with EstimateBatcher(fake, max_wait_ms=300) as batcher:
+        for pool in pools:  # both become known callers
+            pool.submit(batcher.estimate, request(0)).result(5)
         started = time.monotonic()
-        first = pool.submit(batcher.estimate, request(1))
+        first = pools[0].submit(batcher.estimate, request(1))
         time.sleep(0.05)
-        second = pool.submit(batcher.estimate, request(2))
+        second = pools[1].submit(batcher.estimate, request(2))
         assert list(first.result(5).age) == [1] and list(second.result(5).age) == [2]
         waited = time.monotonic() - started
+        started = time.monotonic()
+        alone = pools[0].submit(batcher.estimate, request(3))
+        assert list(alone.result(5).age) == [3]
+        waited_alone = time.monotonic() - started
+    for pool in pools:
+        pool.shutdown()
 
-    assert fake.sizes == [2]
-    assert 0.25 < waited < 2.0, "the call waited max_wait after the first request"
+    assert fake.sizes[-2:] == [2, 1]
+    assert waited < 0.25, "the call went as soon as both known callers were in"
+    assert 0.25 < waited_alone < 2.0, "alone, the call waited max_wait for the other caller"
+
+
+def test_given_one_caller_when_it_asks_then_no_wait_for_others() -> None:
+    fake = FakeEstimator()
+    with EstimateBatcher(fake, max_wait_ms=1000) as batcher:
+        started = time.monotonic()
+        for value in range(5):
+            assert list(batcher.estimate(request(value)).age) == [value]
+        assert time.monotonic() - started < 0.5
 
 
 def test_given_no_wait_when_single_request_then_answered_at_once() -> None:

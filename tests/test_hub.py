@@ -135,3 +135,21 @@ def test_given_rtsp_server_killed_when_served_then_it_recovers_and_the_file_keep
     finally:
         hub.close()
         server.kill()
+
+
+def test_given_unreachable_camera_when_added_then_add_returns_at_once_and_it_fails(
+    batcher: EstimateBatcher,
+) -> None:
+    from tests.test_rtsp import free_port
+
+    with StreamHub(Config(), batcher) as hub:
+        started = time.monotonic()
+        status = hub.add(f"rtsp://user:secret@127.0.0.1:{free_port()}/x")
+        assert time.monotonic() - started < 0.5
+        assert status.state == "starting"
+        wait_for(lambda: hub.status("cam1").state == "failed", 15, "the stream to fail")
+        failed = hub.status("cam1")
+        assert "cannot open video source" in failed.error and "secret" not in failed.error
+        assert hub.latest_jpeg("cam1") is None
+        with pytest.raises(KeyError):
+            hub.latest_jpeg("nope")

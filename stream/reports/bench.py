@@ -327,6 +327,10 @@ def format_results(results: dict) -> str:
 
 def run_bench(config: Config, args: argparse.Namespace) -> int:
     """Benchmark `args.source`; prints a table and optionally writes JSON. Returns 0."""
+    if getattr(args, "streams", None):
+        from stream.reports.streams_bench import run_streams_bench
+
+        return run_streams_bench(config, args)
     source = args.source
     if VideoSource(source).spec.kind != "file":
         raise ValueError(f"bench needs a video file, but got {VideoSource(source).source_id}")
