@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from stream.bench import add_bench_arguments, run_bench
 
+from stream.cli import add_bench_arguments
 from stream.config import Config
+from stream.reports.bench import run_bench
 from stream.reports.streams_bench import aggregate_fps, parse_streams
 from tests.conftest import VIDEOS, require
 
