@@ -210,7 +210,7 @@ def test_metrics_are_prometheus_text_with_a_series_per_stream_and_the_batcher(po
     for stream in ("door", "lobby"):
         label = (("stream", stream),)
         assert samples[("agestream_stream_fps", label)] == 20.0
-        assert samples[("agestream_stream_faces", label)] == 3
+        assert samples[("agestream_stream_faces_total", label)] == 3
         assert samples[("agestream_stream_latency_p95_seconds", label)] == 0.0425
         assert ("agestream_stream_frames_total", label) in samples
         assert ("agestream_stream_dropped_frames_total", label) in samples
