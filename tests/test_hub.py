@@ -11,7 +11,7 @@ import pytest
 from stream.batcher import EstimateBatcher
 from stream.config import Config
 from stream.hub import StreamHub
-from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, require
+from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, require, wait_for
 
 D19 = VIDEOS / "livePortrait__driving__d19.mp4"
 D3 = VIDEOS / "livePortrait__driving__d3.mp4"
@@ -24,14 +24,6 @@ def batcher():
     require(HAMILTON)
     with EstimateBatcher(create_estimator(Config().estimator)) as shared:
         yield shared
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def frames_of(hub: StreamHub, stream_id: str) -> int:

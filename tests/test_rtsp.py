@@ -20,7 +20,7 @@ import pytest
 
 from stream.outputs import partial_path
 from stream.sources import ReconnectPolicy, SourceEvent, VideoSource
-from tests.conftest import HAMILTON, require
+from tests.conftest import HAMILTON, require, wait_for
 from tests.test_shutdown import EXIT_LIMIT_S, interrupt
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -114,14 +114,6 @@ def server():
     rtsp.start()
     yield rtsp
     rtsp.kill()
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def records(path: Path) -> list[dict]:
