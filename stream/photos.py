@@ -14,11 +14,12 @@ import numpy as np
 from tqdm import tqdm
 
 from detectors import Detector, create_detector
-from estimators import Estimator, create_estimator
+from estimators import create_estimator
 from stream.analyzer import FaceAnalyzer
 from stream.config import Config, DetectorConfig, OutputConfig, TrackingConfig
 from stream.outputs import OutputError, PartialFile, check_output_paths
 from stream.overlay import annotate
+from stream.pipeline import face_checker
 from stream.processor import FrameProcessor
 from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink, frame_record
 from stream.sources import read_image
@@ -165,14 +166,12 @@ class DetectorsByModel:
 
 
 def label_image(
-    detector: Detector, estimator: Estimator, tracking: TrackingConfig, image: np.ndarray, name: str
+    analyzer: FaceAnalyzer, tracking: TrackingConfig, image: np.ndarray, name: str
 ) -> FrameResult:
-    """The image through the same detect → track → estimate → smooth path as a video's
-    frames, as a one-frame clip: a fresh processor whose tracks are confirmed on their first
+    """The image through the same detect → track (second look included) → estimate → smooth
+    path as a video's frames, as a one-frame clip: a fresh processor whose tracks need one
     hit, so the labels follow the same rules as in `run` on video."""
-    processor = FrameProcessor(
-        FaceAnalyzer(detector, estimator), dataclasses.replace(tracking, min_hits=1), STILL_FPS
-    )
+    processor = FrameProcessor(analyzer, dataclasses.replace(tracking, min_hits=1), STILL_FPS)
     result, _ = processor.process(Frame(image=image, index=0, timestamp=0.0, source_id=name), 0.0)
     return result
 
@@ -232,6 +231,7 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
     log.info("%d images from %s", len(images), source)
     with ExitStack() as stack:
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
+        checker = face_checker(config, stack)
         if outputs.folder is not None:
             outputs.folder.mkdir(parents=True, exist_ok=True)
         sink = None if outputs.json is None else JsonLinesSink(outputs.json)
@@ -245,8 +245,8 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
             if image is None:
                 summary.skipped += 1
                 continue
-            detector = detectors.for_width(image.shape[1])
-            result = label_image(detector, estimator, config.tracking, image, path.name)
+            analyzer = FaceAnalyzer(detectors.for_width(image.shape[1]), estimator, checker)
+            result = label_image(analyzer, config.tracking, image, path.name)
             if outputs.folder is not None:
                 write_image(outputs.folder / path.name, annotate(result, None))
                 summary.images_written += 1

@@ -366,7 +366,7 @@ def ignore_interrupts_while_finishing() -> None:
         signal.signal(signum, finishing)
 
 
-def _face_checker(config: Config, stack: ExitStack) -> Detector | None:
+def face_checker(config: Config, stack: ExitStack) -> Detector | None:
     """The second detector that confirms new tracks are faces, or None when
     `tracking.face_check_score` is 0."""
     if not config.tracking.face_check_score:
@@ -381,7 +381,7 @@ def build_processor(
     """A source's own detector, face checker, tracker and smoothing around `estimator` (its
     own, or a batcher shared with other sources); the detectors close with `stack`."""
     detector = stack.enter_context(create_detector(config.detector, info.width, config.models_dir))
-    analyzer = FaceAnalyzer(detector, estimator, _face_checker(config, stack))
+    analyzer = FaceAnalyzer(detector, estimator, face_checker(config, stack))
     return FrameProcessor(analyzer, config.tracking, info.fps)
 
 
