@@ -85,6 +85,7 @@ class Identities:
         self._person_of_track: dict[int, _Person] = {}
         self._away: list[_Person] = []
         self._next_id = 1
+        self._updates = 0  # frames seen: a live stream's frame numbers skip its drops
 
     def update(
         self,
@@ -92,16 +93,16 @@ class Identities:
         xyxy: np.ndarray,
         track_ids: np.ndarray,
         confirmed: np.ndarray,
-        frame_index: int,
     ) -> IdentityUpdate:
         ids = track_ids.tolist()
         confirmed_faces = np.flatnonzero(confirmed).tolist()
         new_faces = [i for i in confirmed_faces if ids[i] not in self._person_of_track]
-        sampled = confirmed_faces if frame_index % SAMPLE_EVERY == 0 else new_faces
+        self._updates += 1
+        sampled = confirmed_faces if self._updates % SAMPLE_EVERY == 0 else new_faces
         look_of = dict(zip(sampled, appearance(image_bgr, xyxy[sampled])))
         returned = []
         for i in new_faces:
-            person = self._returning(look_of[i])
+            person = self._returning(look_of[i]) if self.reid_s > 0 else None
             if person is None:
                 person = _Person(self._next_id)
                 self._next_id += 1
@@ -132,6 +133,6 @@ class Identities:
             if person is not None:
                 person.left_s, person.evidence = now_s, evidence
                 self._away.append(person)
-        gone = [p for p in self._away if now_s - p.left_s > self.reid_s]
-        self._away = [p for p in self._away if now_s - p.left_s <= self.reid_s]
+        gone = [p for p in self._away if now_s - p.left_s >= self.reid_s]
+        self._away = [p for p in self._away if now_s - p.left_s < self.reid_s]
         return [p.person_id for p in gone]

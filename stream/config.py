@@ -93,6 +93,14 @@ class TrackingConfig:
     reestimate_every: Annotated[int, Field(ge=1)] = 15
     better_view_ratio: Annotated[float, Field(ge=1)] = 1.25
 
+    def __post_init__(self) -> None:
+        # A shown label kept beyond the margin that shows it would flip every frame.
+        if self.gender_keep_margin > self.gender_margin:
+            raise ValueError(
+                f"gender_keep_margin ({self.gender_keep_margin}) must not exceed gender_margin "
+                f"({self.gender_margin})"
+            )
+
 
 @dataclass(frozen=True, config=STRICT)
 class OutputConfig:
@@ -155,6 +163,8 @@ def _describe(error: ValidationError, where: str) -> ConfigError:
     """One line naming the key, what it must be and what it got."""
     first = error.errors()[0]
     key = ".".join([where, *map(str, first["loc"])] if where else map(str, first["loc"]))
+    if first["type"] == "value_error":  # a check across keys: its message says it all
+        return ConfigError(f"{key or 'config'}: {first['ctx']['error']}")
     value = first.get("input")
     shown = repr(value) if not (isinstance(value, float) and not math.isfinite(value)) else value
     return ConfigError(

@@ -48,7 +48,7 @@ from stream.pipeline import (
 )
 from stream.sinks import RunOutputs
 from stream.sources import SimulatedLiveSource, SourceError, SourceEvent, VideoSource, parse_source
-from stream.types import FrameResult, StreamStatus, TrackStatus
+from stream.types import FrameResult, StreamIdInUse, StreamStatus, TrackStatus
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,7 @@ class StreamHub:
         self.on_result = on_result
         self.people = History()  # for history()
         self._streams: dict[str, ServedStream] = {}
+        self._stopping: list[ServedStream] = []  # removed, still finalizing their outputs
         self._lock = threading.Lock()
         self._closed = False
         self._cameras = 0
@@ -389,7 +390,7 @@ class StreamHub:
                     "(it names the stream's output files)"
                 )
             if stream_id in self._streams:
-                raise ValueError(f"stream id {stream_id!r} is already in use")
+                raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
             return stream_id
         if source.file_path is not None:
             stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.file_path.stem).strip("_.-") or "file"
@@ -446,7 +447,10 @@ class StreamHub:
         stream.stop()
         stream.join(STOP_TIMEOUT_S)
         if stream.is_alive():
+            # Finishing in the background; `close` waits for it, so its outputs are whole.
             log.warning("stream %s: still stopping after %.0f s", stream_id, STOP_TIMEOUT_S)
+            with self._lock:
+                self._stopping.append(stream)
 
     def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None:
         return self._stream(stream_id).latest_jpeg(after)
@@ -476,6 +480,7 @@ class StreamHub:
         with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
+            streams, self._stopping = streams + self._stopping, []
         for stream in streams:
             stream.stop()
         deadline = time.monotonic() + STOP_TIMEOUT_S + 2.0

@@ -80,9 +80,7 @@ class FrameProcessor:
         )
         gone = self.identities.end(self.smoother.end(update.ended), t_ms / 1000.0)
         self.smoother.observe(update.track_ids)
-        people = self.identities.update(
-            frame.image, faces.xyxy, update.track_ids, update.confirmed, frame.index
-        )
+        people = self.identities.update(frame.image, faces.xyxy, update.track_ids, update.confirmed)
         for track_id, earlier in people.returned:
             self.smoother.merge(track_id, earlier)
         quality = view_quality(frame.image, faces)
@@ -90,7 +88,7 @@ class FrameProcessor:
             update.track_ids, update.confirmed, quality, frame.index
         )
         timings["track"] = (time.perf_counter() - started) * 1000
-        estimates = self.analyzer.estimate(detected.image_rgb, faces[wanted], timings)
+        estimates, wanted = self._estimate(detected, wanted, timings)
         self.smoother.add_estimates(
             update.track_ids[wanted], estimates, quality[wanted], frame.index
         )
@@ -108,6 +106,20 @@ class FrameProcessor:
             timings_ms=timings,
         )
         return result, gone
+
+    def _estimate(
+        self, detected: Detected, wanted: np.ndarray, timings: dict[str, float]
+    ) -> tuple[Estimates, np.ndarray]:
+        """Estimates of the `wanted` faces, and which faces they are. When the estimator fails
+        (a model error, a shared batcher's timeout) the frame gets none, logged, and keeps its
+        faces, tracks and the labels so far: one bad call never blanks a frame."""
+        try:
+            faces = detected.faces[wanted]
+            return self.analyzer.estimate(detected.image_rgb, faces, timings), wanted
+        except Exception as error:
+            log.warning("frame %d: estimates skipped: %s", detected.frame.index, error)
+            empty = np.zeros((0,), np.float32)
+            return Estimates(empty, empty, empty), np.zeros(len(wanted), bool)
 
     def process(self, frame: Frame, t_ms: float) -> tuple[FrameResult, list[int]]:
         """The frame's result and the people whose records are complete with it."""

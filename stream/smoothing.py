@@ -25,8 +25,9 @@ HALF_SHARPNESS_VARIANCE = 60.0
 AGE_STD_HALF = 5.0
 # p_male is clipped before the logit so one overconfident frame cannot decide a track.
 P_CLIP = 0.02
-# Gender evidence (summed view weights, about ten good views) after which a track that is
-# still unsure is so for its own reasons, and is re-estimated only on the settled schedule.
+# Gender evidence (summed view weights: two to five good views, each 0.2-0.6) after which a
+# track that is still unsure is so for its own reasons, and is re-estimated only on the
+# settled schedule.
 SETTLED_GENDER_EVIDENCE = 1.0
 
 

@@ -1,4 +1,5 @@
-"""Frozen column-array records passed between pipeline stages."""
+"""Frozen records passed between pipeline stages (a frame's faces as column arrays) and the
+status records of served streams."""
 
 from __future__ import annotations
 
@@ -210,6 +211,10 @@ class FrameResult:
             check_shape("FrameResult.confirmed", self.confirmed, (n,))
 
 
+class StreamIdInUse(ValueError):
+    """A served stream's `add` was given the id of a stream that is already there."""
+
+
 @dataclass(frozen=True)
 class TrackStatus:
     """One person in view of a served stream, as the live page and the API show them.
@@ -220,7 +225,8 @@ class TrackStatus:
         age_uncertainty: its standard error in years, or None while unknown.
         gender: "male", "female", "unsure", or None for an estimator without gender.
         confidence: the shown gender's probability (p_male or 1 - p_male), None when unsure.
-        seconds_in_view: since the person's track was confirmed.
+        seconds_in_view: since the person was first confirmed (a person who left and came
+            back within `tracking.reid_s` counts from their first appearance).
     """
 
     track: int

@@ -41,7 +41,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from stream.config import ConfigError
-from stream.types import StreamStatus, TrackStatus
+from stream.types import StreamIdInUse, StreamStatus, TrackStatus
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +307,12 @@ async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
 async def _add_stream(request: web.Request) -> web.Response:
     source, stream_id = await _read_add_body(request)
     hub = request.app[HUB]
-    if stream_id is not None and any(status.id == stream_id for status in hub.streams()):
-        raise ApiError(409, f"stream id {stream_id!r} is already in use")
     loop = asyncio.get_running_loop()
     try:
         status = await loop.run_in_executor(request.app[EXECUTOR], hub.add, source, stream_id)
     except ValueError as error:
-        raise ApiError(400, str(error).strip().splitlines()[0] or "bad source or id") from None
+        message = (str(error).strip().splitlines() or ["bad source or id"])[0]
+        raise ApiError(409 if isinstance(error, StreamIdInUse) else 400, message) from None
     location = f"/api/streams/{quote(status.id, safe='')}"
     return web.json_response(
         stream_json(status, with_tracks=True), status=201, headers={"Location": location}

@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 
-from stream.types import StreamStatus, TrackStatus
+from stream.types import StreamIdInUse, StreamStatus, TrackStatus
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -101,7 +101,7 @@ class FakeHub:
             if not ID_PATTERN.fullmatch(stream_id):
                 raise ValueError(f"invalid stream id {stream_id!r}: use letters, digits, _ . -")
             if stream_id in self.items:
-                raise ValueError(f"stream id {stream_id!r} is already in use")
+                raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
             stream = FakeStream(stream_id, source, self.fps, self.size)
             self.items[stream_id] = stream
             return dataclasses.replace(stream.status(), state="starting")  # as the hub does

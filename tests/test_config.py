@@ -187,3 +187,14 @@ def test_given_serve_streams_when_loaded_then_entries_are_checked(tmp_path: Path
         load_config(write(tmp_path, "serve:\n  streams:\n    - {url: x}\n"))
     with pytest.raises(ConfigError, match=r"serve\.port"):
         load_config(write(tmp_path, "serve:\n  port: 70000\n"))
+
+
+def test_given_a_keep_margin_beyond_the_gender_margin_then_one_line_naming_both(
+    tmp_path: Path,
+) -> None:
+    config = write(tmp_path, "tracking:\n  gender_margin: 0.2\n  gender_keep_margin: 0.3\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    assert str(error.value) == (
+        f"{config}: tracking: gender_keep_margin (0.3) must not exceed gender_margin (0.2)"
+    )

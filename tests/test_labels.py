@@ -27,7 +27,7 @@ def test_given_every_clip_then_no_record_shows_a_gender_its_p_male_contradicts(
     assert checked > 3000, "every shared clip has faces to check"
 
 
-def test_given_every_clip_then_children_and_weak_evidence_are_unsure_not_guessed(
+def test_given_every_clip_then_no_gender_is_shown_for_a_child_or_near_even_odds(
     clip_runs: dict[str, list[dict]],
 ) -> None:
     for records in clip_runs.values():

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from stream.appearance import Identities, appearance
+from stream.config import TrackingConfig
+from stream.processor import FrameProcessor
 from stream.tracking import Tracker
-from stream.types import Faces
+from stream.types import Estimates, Faces, Frame
 from tests.conftest import HAMILTON, face_records, run_json_lines
 
 BOX = np.array([[100, 100, 160, 160]], np.float32)
@@ -130,10 +132,54 @@ def test_given_a_person_away_longer_than_reid_s_then_a_new_identity() -> None:
     identities = Identities(reid_s=2.0, similarity=0.9)
     image = np.full((300, 300, 3), 120, np.uint8)
     box, one = np.array([[100, 50, 160, 110]], np.float32), np.array([True])
-    first = identities.update(image, box, np.array([1]), one, 0).person_ids[0]
+    first = identities.update(image, box, np.array([1]), one).person_ids[0]
     assert identities.end({1: "evidence"}, now_s=1.0) == []
-    back = identities.update(image, box, np.array([2]), one, 50)
+    back = identities.update(image, box, np.array([2]), one)
     assert back.person_ids[0] == first and back.returned == ((2, "evidence"),)
     assert identities.end({2: "evidence"}, now_s=3.0) == []
     assert identities.end({}, now_s=5.5) == [first], "gone for good after reid_s"
-    assert identities.update(image, box, np.array([3]), one, 200).person_ids[0] != first
+    assert identities.update(image, box, np.array([3]), one).person_ids[0] != first
+
+
+class FailingEstimates:
+    """An analyzer whose face is always at BOX (until `gone_from`) and whose estimator fails
+    from frame `fail_from` on, as a shared batcher's timeout would."""
+
+    def __init__(self, fail_from: int, gone_from: int) -> None:
+        self.fail_from, self.gone_from, self.frame = fail_from, gone_from, 0
+
+    def detect(self, image_bgr: np.ndarray, timings: dict) -> tuple[np.ndarray, Faces]:
+        self.frame += 1
+        faces = faces_at(BOX) if self.frame <= self.gone_from else Faces.empty()
+        return image_bgr, faces
+
+    def face_likeness(self, image_rgb: np.ndarray, faces: Faces) -> np.ndarray:
+        return np.ones(len(faces), np.float32)
+
+    def estimate(self, image_rgb: np.ndarray, faces: Faces, timings: dict) -> Estimates:
+        if self.frame > self.fail_from:
+            raise TimeoutError("the batcher did not answer in time")
+        n = len(faces)
+        return Estimates(*(np.full(n, value, np.float32) for value in (30.0, 0.95, 0.5)))
+
+
+def test_given_the_estimator_fails_then_frames_keep_their_faces_and_people_still_end() -> None:
+    tracking = TrackingConfig(lifetime_s=0.1, reid_s=0.2)
+    processor = FrameProcessor(FailingEstimates(fail_from=5, gone_from=8), tracking, fps=10.0)
+    image = np.full((300, 300, 3), 120, np.uint8)
+    results = [processor.process(Frame(image, i, i / 10, "t"), i * 100.0) for i in range(20)]
+    during = results[6][0]  # the estimator fails, the face is there
+    assert len(during.faces) == 1 and during.track_ids.tolist() == [1]
+    assert during.smoothed.age[0] == pytest.approx(30.0), "the label so far stays"
+    assert not during.estimated.any()
+    assert [gone for _, gone in results if gone] == [[1]], "the person's row is still due"
+
+
+def test_given_reid_s_zero_then_a_person_who_left_never_comes_back_as_themselves() -> None:
+    identities = Identities(reid_s=0.0, similarity=0.9)
+    image = np.full((300, 300, 3), 120, np.uint8)
+    box, one = np.array([[100, 50, 160, 110]], np.float32), np.array([True])
+    first = identities.update(image, box, np.array([1]), one).person_ids[0]
+    assert identities.end({1: "evidence"}, now_s=1.0) == [first], "gone at once"
+    back = identities.update(image, box, np.array([2]), one)
+    assert back.person_ids[0] != first and back.returned == ()
