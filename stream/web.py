@@ -370,11 +370,15 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+# States after which a stream sends no more frames.
+FINISHED = ("ended", "failed")
+
+
 async def _mjpeg(request: web.Request) -> web.StreamResponse:
     """Each viewer gets only the newest frame whenever there is a newer one (frames it was too
     slow for are skipped); a viewer that stalls a write for `write_timeout_s` is dropped, so
-    it holds up nothing but itself. Ends when the client goes, the stream is removed, or the
-    server shuts down."""
+    it holds up nothing but itself. Ends when the client goes, the stream is removed or has
+    finished (its last frame sent), or the server shuts down."""
     stream_id = request.match_info["id"]
     _status(request.app[HUB], stream_id)  # 404 before the multipart response starts
     poll_s, write_timeout_s = request.app[TIMINGS]
@@ -387,8 +391,11 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
     while not closing.is_set() and not _client_gone(request):
         try:
             latest = await _latest(request, stream_id, sequence)
-        except KeyError:
+            finished = latest is None and _status(request.app[HUB], stream_id).state in FINISHED
+        except (KeyError, ApiError):
             break  # removed
+        if finished:
+            break  # an ended file or a failed source sends no frame again
         if latest is None:
             await asyncio.sleep(poll_s)
             continue

@@ -28,9 +28,11 @@ class FakeStream:
         self.started = time.monotonic()
         self.cached: tuple[int, bytes] | None = None
         self.encoded = 0  # frames JPEG-encoded (what viewers asked for)
+        self.last: int | None = None  # a file's last frame: the stream ends there
 
     def sequence(self) -> int:
-        return int((time.monotonic() - self.started) * self.fps)
+        running = int((time.monotonic() - self.started) * self.fps)
+        return running if self.last is None else min(running, self.last)
 
     def jpeg(self, sequence: int) -> bytes:
         if self.cached is None or self.cached[0] != sequence:
@@ -63,7 +65,7 @@ class FakeStream:
         return StreamStatus(
             id=self.id,
             source=self.source,
-            state="running",
+            state="ended" if self.sequence() == self.last else "running",
             fps=self.fps,
             faces=len(tracks),
             tracks=tracks,

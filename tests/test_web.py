@@ -280,6 +280,19 @@ def test_given_a_viewer_when_its_stream_is_removed_then_the_mjpeg_response_ends(
         assert response.read() == b""
 
 
+def test_given_a_viewer_when_its_file_ends_then_the_last_frame_is_sent_and_the_response_ends(
+    port: int, hub: FakeHub
+):
+    with viewing(port, "lobby") as response:
+        assert read_part(response) is not None
+        hub.items["lobby"].last = hub.items["lobby"].sequence() + 2
+        started, parts = time.monotonic(), []
+        while (part := read_part(response)) is not None:
+            parts.append(part)
+            assert time.monotonic() - started < 3
+        assert response.read() == b"" and 1 <= len(parts) <= 3
+
+
 def stalled_viewer(port: int, stream_id: str) -> socket.socket:
     """A client that asks for the MJPEG stream and then reads nothing."""
     client = socket.socket()
