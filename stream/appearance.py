@@ -13,8 +13,16 @@ import numpy as np
 # tell people apart over seconds to minutes, which is what re-identification here is for.
 REGIONS = ((-0.2, -0.5, 1.2, 0.25), (0.1, 0.1, 0.9, 0.9), (-0.6, 1.3, 1.6, 2.6))
 HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
-# Every this many frames a confirmed track's look is sampled (histograms cost ~0.1 ms each).
+PATCH_SIDE = 64
+# Every this many frames a confirmed track's look is sampled.
 SAMPLE_EVERY = 5
+
+
+def _small(patch: np.ndarray) -> np.ndarray:
+    """Every k-th pixel of `patch`, at most about PATCH_SIDE a side: a colour histogram needs
+    no detail, and a sample costs far less than resizing or converting a whole 720p region."""
+    step = max(1, max(patch.shape[:2]) // PATCH_SIDE)
+    return np.ascontiguousarray(patch[::step, ::step])
 
 
 def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
@@ -22,7 +30,6 @@ def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
     and value histograms, so that the dot product of two is their Bhattacharyya coefficient
     averaged over the regions (1: the same colours). A region outside the frame is zeros."""
     height, width = image_bgr.shape[:2]
-    hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
     size = HUE_BINS * SATURATION_BINS + VALUE_BINS
     features = np.zeros((len(xyxy), len(REGIONS) * size), np.float32)
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(xyxy, np.float64)):
@@ -30,9 +37,10 @@ def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
         for r, (left, top, right, bottom) in enumerate(REGIONS):
             cols = slice(max(int(x1 + left * box_w), 0), min(int(x1 + right * box_w), width))
             rows = slice(max(int(y1 + top * box_h), 0), min(int(y1 + bottom * box_h), height))
-            patch = hsv[rows, cols]
+            patch = image_bgr[rows, cols]
             if patch.shape[0] < 2 or patch.shape[1] < 2:
                 continue
+            patch = cv2.cvtColor(_small(patch), cv2.COLOR_BGR2HSV)
             hs = cv2.calcHist([patch], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
             v = cv2.calcHist([patch], [2], None, [VALUE_BINS], [0, 256])
             # Brightness says least of the three: it changes with the light.
