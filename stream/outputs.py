@@ -167,6 +167,26 @@ def strict_json(value: object) -> object:
     return value
 
 
+def json_number(value: float | None, digits: int) -> float | None:
+    """`value` rounded to `digits`; None (JSON null) when it is not known: None, NaN or an
+    infinity."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def write_whole(path: Path, data: bytes, what: str) -> None:
+    """`data` to `path` through its partial file, renamed into place only when whole; after a
+    failed write what was written stays in the partial file (`what` names it in errors)."""
+    output = PartialFile(path, what)
+    try:
+        output.write(data)
+    except BaseException:
+        output.abandon()
+        raise
+    output.commit()
+
+
 def write_report(report: object, target: str) -> None:
     """A JSON report to `target` ("-": stdout), strict JSON, the file replaced only when
     whole."""
@@ -175,10 +195,4 @@ def write_report(report: object, target: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    output = PartialFile(Path(target), "report")
-    try:
-        output.write(text.encode("utf-8"))
-    except BaseException:
-        output.abandon()
-        raise
-    output.commit()
+    write_whole(Path(target), text.encode("utf-8"), "report")

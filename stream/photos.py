@@ -17,7 +17,7 @@ from detectors import Detector, create_detector
 from estimators import create_estimator
 from stream.analyzer import FaceAnalyzer
 from stream.config import Config, DetectorConfig, OutputConfig, TrackingConfig
-from stream.outputs import OutputError, PartialFile, check_output_paths
+from stream.outputs import OutputError, check_output_paths, partial_path, write_whole
 from stream.overlay import annotate
 from stream.pipeline import face_checker
 from stream.processor import FrameProcessor
@@ -137,14 +137,11 @@ def write_image(path: Path, image: np.ndarray) -> None:
     if not ok:
         raise OutputError(f"cannot encode {path} as {path.suffix}")
     _refuse_existing(path)  # appeared since the outputs were checked
-    file = PartialFile(path, "annotated image")
     try:
-        file.write(data.tobytes())
+        write_whole(path, data.tobytes(), "annotated image")
     except BaseException:
-        file.abandon()
-        file.path.unlink(missing_ok=True)  # half an image is of no use to anyone
+        partial_path(path).unlink(missing_ok=True)  # half an image is of no use to anyone
         raise
-    file.commit()
 
 
 class DetectorsByModel:

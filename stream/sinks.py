@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from stream.config import OutputConfig
-from stream.outputs import OutputError, PartialFile
+from stream.outputs import OutputError, PartialFile, json_number
 from stream.overlay import face_label_state
 from stream.track_report import TrackLedger, TrackSummary
 from stream.types import FrameResult
@@ -140,11 +140,6 @@ class VideoFileSink(_FileSink):
         self._file.commit()
 
 
-def _number(value: float, digits: int) -> float | None:
-    """JSON has no NaN or infinity: values not known are null."""
-    return round(float(value), digits) if math.isfinite(value) else None
-
-
 def frame_record(result: FrameResult) -> dict:
     """The JSON-lines record of one frame: smoothed values where tracking ran, with the
     frame's raw estimate beside them (null where the face was not estimated this frame). A
@@ -158,17 +153,17 @@ def frame_record(result: FrameResult) -> dict:
             "box": [round(float(v), 1) for v in box],
             "score": round(float(score), 4),
             "track": int(result.track_ids[i]) if result.track_ids is not None and shown else None,
-            "age": _number(age, 2),
+            "age": json_number(age, 2),
             "gender": gender,
-            "p_male": _number(p_male, 4),
+            "p_male": json_number(p_male, 4),
         }
         if result.smoothed is not None:
             uncertainty = result.smoothed.age_uncertainty[i] if shown else math.nan
-            face["age_uncertainty"] = _number(uncertainty, 2)
-            face["age_raw"] = _number(raw.age[i], 2)
-            face["p_male_raw"] = _number(raw.p_male[i], 4)
+            face["age_uncertainty"] = json_number(uncertainty, 2)
+            face["age_raw"] = json_number(raw.age[i], 2)
+            face["p_male_raw"] = json_number(raw.p_male[i], 4)
             # The spread of this frame's age distribution; null for estimators without one.
-            face["age_std_raw"] = None if raw.age_std is None else _number(raw.age_std[i], 2)
+            face["age_std_raw"] = None if raw.age_std is None else json_number(raw.age_std[i], 2)
         if result.quality is not None:
             face["quality"] = round(float(result.quality[i]), 4)
         faces.append(face)

@@ -41,6 +41,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from stream.config import ConfigError
+from stream.outputs import json_number, strict_json
 from stream.types import StreamIdInUse, StreamStatus, TrackStatus
 
 log = logging.getLogger(__name__)
@@ -214,22 +215,15 @@ def _given_token(request: web.Request) -> str | None:
     return request.query.get("token")
 
 
-def _number(value: float | None, digits: int) -> float | None:
-    """A JSON-safe rounded number: None for None, NaN and infinities."""
-    if value is None or not math.isfinite(value):
-        return None
-    return round(float(value), digits)
-
-
 def track_json(track: TrackStatus) -> dict[str, Any]:
     """The API's track object."""
     return {
         "track": int(track.track),
-        "age": _number(track.age, 1),
-        "age_uncertainty": _number(track.age_uncertainty, 2),
+        "age": json_number(track.age, 1),
+        "age_uncertainty": json_number(track.age_uncertainty, 2),
         "gender": track.gender,
-        "confidence": _number(track.confidence, 3),
-        "seconds_in_view": _number(track.seconds_in_view, 1),
+        "confidence": json_number(track.confidence, 3),
+        "seconds_in_view": json_number(track.seconds_in_view, 1),
     }
 
 
@@ -240,25 +234,14 @@ def stream_json(status: StreamStatus, with_tracks: bool) -> dict[str, Any]:
         "id": status.id,
         "source": status.source,
         "state": status.state,
-        "fps": _number(status.fps, 2),
+        "fps": json_number(status.fps, 2),
         "faces": int(status.faces),
         "tracks": [track_json(t) for t in status.tracks] if with_tracks else len(status.tracks),
         "dropped": int(status.dropped),
         "frames": int(status.frames),
-        "latency_ms_p95": _number(status.latency_ms_p95, 1),
+        "latency_ms_p95": json_number(status.latency_ms_p95, 1),
         "error": status.error,
     }
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as None (JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def _status(hub: Hub, stream_id: str) -> StreamStatus:
@@ -343,7 +326,7 @@ async def _history(request: web.Request) -> web.Response:
         )
     loop = asyncio.get_running_loop()
     bins = await loop.run_in_executor(request.app[EXECUTOR], request.app[HUB].history, minutes)
-    return web.json_response(_json_safe(bins))
+    return web.json_response(strict_json(bins))
 
 
 async def _latest(request: web.Request, stream_id: str, after: int) -> tuple[int, bytes] | None:
@@ -460,9 +443,9 @@ def _stream_families(streams: list[dict]) -> Iterator[Metric]:
         name = [str(stream["id"])]
         frames.add_metric(name, stream.get("frames") or 0)
         dropped.add_metric(name, stream.get("dropped") or 0)
-        fps.add_metric(name, _number(stream.get("fps"), 3) or 0.0)
+        fps.add_metric(name, json_number(stream.get("fps"), 3) or 0.0)
         faces.add_metric(name, stream.get("faces") or 0)
-        if _number(stream.get("latency_ms_p95"), 3) is not None:
+        if json_number(stream.get("latency_ms_p95"), 3) is not None:
             latency.add_metric(name, stream["latency_ms_p95"] / 1000)
         current = stream.get("state")
         for each in STATES + (() if current in STATES or current is None else (current,)):
@@ -476,7 +459,7 @@ def _batcher_families(batcher: dict) -> Iterator[Metric]:
     faces = CounterMetricFamily("agestream_batcher_faces", "Faces estimated in batched calls")
     faces.add_metric([], batcher.get("faces") or 0)
     mean = GaugeMetricFamily("agestream_batcher_mean_batch", "Mean faces per batched call")
-    mean.add_metric([], _number(batcher.get("mean_batch"), 3) or 0.0)
+    mean.add_metric([], json_number(batcher.get("mean_batch"), 3) or 0.0)
     yield from (calls, faces, mean)
 
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from stream.outputs import OutputError, PartialFile
+from stream.outputs import OutputError, write_whole
 from stream.reports.flicker import RecordsError, read_records
 
 log = logging.getLogger(__name__)
@@ -197,17 +197,6 @@ def presence_bins(run: RunInfo, people: list[Person]) -> Bins:
     return Bins(run.start_s, width, tuple(frozenset(m) for m in members))
 
 
-def _write_bytes(path: Path, data: bytes, what: str) -> None:
-    """Partial file, renamed into place only when whole."""
-    output = PartialFile(path, what)
-    try:
-        output.write(data)
-    except BaseException:
-        output.abandon()
-        raise
-    output.commit()
-
-
 def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -322,7 +311,7 @@ def write_snapshots(directory: Path, people: list[Person], source: Path) -> dict
         if not ok:
             raise OutputError(f"cannot encode the snapshot of person {person.track}")
         name = f"person-{person.track}.jpg"
-        _write_bytes(folder / name, jpeg.tobytes(), "snapshot")
+        write_whole(folder / name, jpeg.tobytes(), "snapshot")
         written[person.track] = f"snapshots/{name}"
     return written
 
@@ -504,11 +493,11 @@ def write_people_report(jsonl: Path, directory: Path, source: Path | None = None
         groups_chart(people),
     )
     for (name, _), data in zip(CHARTS, charts):
-        _write_bytes(directory / name, data, "chart")
+        write_whole(directory / name, data, "chart")
     rows = people_rows(people, snapshots)
-    _write_bytes(directory / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
+    write_whole(directory / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
     counts = _csv_text(count_columns(), count_rows(bins, people))
-    _write_bytes(directory / "counts.csv", counts, "counts CSV")
+    write_whole(directory / "counts.csv", counts, "counts CSV")
     page = index_html(run, people, snapshots).encode("utf-8")
-    _write_bytes(directory / "index.html", page, "report page")
+    write_whole(directory / "index.html", page, "report page")
     return Report(directory, len(people), len(snapshots), run)
