@@ -33,7 +33,7 @@ from estimators.base import first_line
 from stream.buffers import END_OF_STREAM, Empty
 from stream.config import Config, OutputConfig
 from stream.outputs import OutputError, check_output_paths
-from stream.overlay import face_label_state, font_scale
+from stream.overlay import face_label_state, font_scale, gender_confidence
 from stream.pipeline import (
     POLL_S,
     RunSummary,
@@ -48,7 +48,15 @@ from stream.pipeline import (
 )
 from stream.sinks import RunOutputs
 from stream.sources import SimulatedLiveSource, SourceError, SourceEvent, VideoSource, parse_source
-from stream.types import FrameResult, StreamIdInUse, StreamStatus, TrackStatus
+from stream.types import (
+    PERSON_AGE_GROUPS,
+    SHOWN_GENDERS,
+    FrameResult,
+    StreamIdInUse,
+    StreamStatus,
+    TrackStatus,
+    person_age_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +67,6 @@ LATENCY_FRAMES = 100
 JPEG_QUALITY = 80
 HISTORY_BIN_S = 10
 HISTORY_KEEP_S = 6 * 3600
-AGE_GROUPS = (("0-9", 10.0), ("10-19", 20.0), ("20-39", 40.0), ("40-59", 60.0), ("60+", math.inf))
-GENDERS = ("male", "female", "unsure")
 _VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Called on a stream's consumer thread with its id, each result and time.monotonic() when
@@ -82,7 +88,7 @@ def track_statuses(result: FrameResult, since_ms: dict[int, float]) -> tuple[Tra
             continue
         age, p_male, gender = face_label_state(result, i)
         uncertainty = math.inf if result.smoothed is None else result.smoothed.age_uncertainty[i]
-        confidence = {"male": p_male, "female": 1.0 - p_male}.get(gender)
+        confidence = gender_confidence(gender, p_male)
         tracks.append(
             TrackStatus(
                 track=int(person),
@@ -96,12 +102,6 @@ def track_statuses(result: FrameResult, since_ms: dict[int, float]) -> tuple[Tra
             )
         )
     return tuple(tracks)
-
-
-def age_group(age: float | None) -> str | None:
-    if age is None:
-        return None
-    return next(name for name, below in AGE_GROUPS if age < below)
 
 
 class History:
@@ -120,7 +120,8 @@ class History:
                     del self._bins[old]
             people = self._bins.setdefault(start, {})
             for track in tracks:
-                people[(stream_id, track.track)] = (age_group(track.age), track.gender)
+                group = None if track.age is None else person_age_group(track.age)
+                people[(stream_id, track.track)] = (group, track.gender)
 
     def bins(self, minutes: float, now: float) -> list[dict]:
         last = int(now // HISTORY_BIN_S) * HISTORY_BIN_S
@@ -129,8 +130,8 @@ class History:
         with self._lock:
             for start in range(min(first, last), last + 1, HISTORY_BIN_S):
                 people = list(self._bins.get(start, {}).values())
-                groups = {name: 0 for name, _ in AGE_GROUPS}
-                genders = {name: 0 for name in GENDERS}
+                groups = {name: 0 for name in PERSON_AGE_GROUPS}
+                genders = {name: 0 for name in SHOWN_GENDERS}
                 for group, gender in people:
                     if group is not None:
                         groups[group] += 1
@@ -463,14 +464,13 @@ class StreamHub:
     def metrics(self) -> dict:
         with self._lock:
             streams = list(self._streams.values())
-        calls = getattr(self.estimator, "calls", 0)
-        faces = getattr(self.estimator, "faces", 0)
+        batcher = self.estimator  # an estimator that is not a batcher counts nothing: zeros
         return {
             "streams": [stream.metrics() for stream in streams],
             "batcher": {
-                "calls": calls,
-                "faces": faces,
-                "mean_batch": round(faces / calls, 2) if calls else 0.0,
+                "calls": getattr(batcher, "calls", 0),
+                "faces": getattr(batcher, "faces", 0),
+                "mean_batch": round(getattr(batcher, "mean_batch", 0.0), 2),
             },
         }
 

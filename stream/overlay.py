@@ -32,6 +32,11 @@ class HudStats:
     dropped: int
 
 
+def gender_confidence(gender: str | None, p_male: float) -> float | None:
+    """The shown gender's probability (p_male, or 1 - p_male); None when no gender is shown."""
+    return {"male": p_male, "female": 1.0 - p_male}.get(gender)
+
+
 def face_label(age: float, p_male: float, gender: str | None, uncertainty: float = math.inf) -> str:
     """`"F 34±2 (90%)"`: the gender call and its confidence, the age and its standard error
     (once a track has more than one estimate). An unsure gender is "?" without a percentage;
@@ -45,8 +50,9 @@ def face_label(age: float, p_male: float, gender: str | None, uncertainty: float
         parts.append(
             f"{age:.0f}" + (f"±{max(uncertainty, 1.0):.0f}" if math.isfinite(uncertainty) else "")
         )
-    if gender in ("male", "female"):
-        parts.append(f"({(p_male if gender == 'male' else 1.0 - p_male):.0%})")
+    confidence = gender_confidence(gender, p_male)
+    if confidence is not None:
+        parts.append(f"({confidence:.0%})")
     return " ".join(parts)
 
 
@@ -115,8 +121,8 @@ def place_label(size: tuple[int, int], face: Box, frame: tuple[int, int], taken:
 
 def face_label_state(result: FrameResult, i: int) -> tuple[float, float, str | None]:
     """Face `i`'s shown age, p_male and gender ("male", "female", "unsure", or None for an
-    estimator without gender): the smoothed track's where tracking ran, else the raw estimate
-    read by the same rule as a one-view track."""
+    estimator without gender): the smoothed track's where tracking ran; else (a result without
+    tracking, as `bench`'s naive loop makes) the raw estimate's side of 0.5."""
     if result.smoothed is None:
         p_male = float(result.estimates.p_male[i])
         gender = None if math.isnan(p_male) else ("male" if p_male >= 0.5 else "female")

@@ -3,6 +3,7 @@ status records of served streams."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,6 +141,16 @@ class Estimates:
 # Codes of Smoothed.gender: the one label state every output shows.
 FEMALE, MALE, UNSURE, NO_GENDER = 0, 1, 2, 3
 GENDER_NAMES = {FEMALE: "female", MALE: "male", UNSURE: "unsure", NO_GENDER: None}
+# The genders a person is counted under, and their age groups with the ages that start the
+# next one (the live page's charts, the people report).
+SHOWN_GENDERS = ("male", "female", "unsure")
+PERSON_AGE_GROUPS = ("0-9", "10-19", "20-39", "40-59", "60+")
+PERSON_AGE_GROUP_EDGES = (10, 20, 40, 60)
+
+
+def person_age_group(age: float) -> str:
+    """The PERSON_AGE_GROUPS name of an age in years."""
+    return PERSON_AGE_GROUPS[bisect.bisect_right(PERSON_AGE_GROUP_EDGES, age)]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 from detectors import create_detector
 from stream.align import pad_to_canvas
 from stream.config import DetectorConfig
-from stream.reports.people import AGE_GROUPS, GENDERS
+from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS
 from tests.conftest import HAMILTON, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_given_a_run_then_people_csv_has_one_row_per_track_with_its_first_and_la
         assert float(row["last_s"]) == pytest.approx(max(times), abs=5e-4)
         assert int(row["frames"]) == len(times)
         assert 1 <= int(row["views"]) <= int(row["frames"])
-        assert row["age_group"] in AGE_GROUPS and row["gender"] in GENDERS
+        assert row["age_group"] in PERSON_AGE_GROUPS and row["gender"] in SHOWN_GENDERS
     assert [float(r["first_s"]) for r in rows] == sorted(float(r["first_s"]) for r in rows)
 
 
@@ -126,12 +126,12 @@ def test_given_a_run_then_counts_csv_agrees_with_people_csv_and_the_json_lines(
         assert end - start >= 1.0 - 1e-6
         present = [t for t, times in tracks.items() if any(start <= s < end for s in times)]
         assert int(row["people"]) == len(present)
-        for group in AGE_GROUPS:
+        for group in PERSON_AGE_GROUPS:
             expected = sum(people[t]["age_group"] == group for t in present)
             assert int(row[f"age_{group}"]) == expected
-        for gender in GENDERS:
+        for gender in SHOWN_GENDERS:
             assert int(row[gender]) == sum(people[t]["gender"] == gender for t in present)
-        assert sum(int(row[f"age_{g}"]) for g in AGE_GROUPS) == int(row["people"])
+        assert sum(int(row[f"age_{g}"]) for g in PERSON_AGE_GROUPS) == int(row["people"])
     # Every person is counted in at least one bin.
     assert sum(int(row["people"]) for row in counts) >= len(people)
 

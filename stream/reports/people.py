@@ -19,12 +19,10 @@ import numpy as np
 
 from stream.outputs import OutputError, write_whole
 from stream.reports.flicker import RecordsError, read_records
+from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, person_age_group
 
 log = logging.getLogger(__name__)
 
-AGE_GROUPS = ("0-9", "10-19", "20-39", "40-59", "60+")
-AGE_GROUP_EDGES = (10, 20, 40, 60)
-GENDERS = ("male", "female", "unsure")
 UNKNOWN = "unknown"
 SNAPSHOT_MARGIN = 1.6  # crop side over the face box's longer side: hair and chin in view
 SNAPSHOT_MIN_PX = 160
@@ -72,15 +70,11 @@ class Person:
 
     @property
     def age_group(self) -> str:
-        return (
-            UNKNOWN
-            if self.age is None
-            else AGE_GROUPS[int(np.searchsorted(AGE_GROUP_EDGES, self.age, side="right"))]
-        )
+        return UNKNOWN if self.age is None else person_age_group(self.age)
 
     @property
     def gender_key(self) -> str:
-        return self.gender if self.gender in GENDERS else UNKNOWN
+        return self.gender if self.gender in SHOWN_GENDERS else UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -233,8 +227,8 @@ def people_rows(people: list[Person], snapshots: dict[int, str]) -> list[list[st
 
 
 def count_columns() -> list[str]:
-    groups = [f"age_{group}" for group in (*AGE_GROUPS, UNKNOWN)]
-    return ["bin_start_s", "bin_end_s", "people", *groups, *GENDERS, "gender_unknown"]
+    groups = [f"age_{group}" for group in (*PERSON_AGE_GROUPS, UNKNOWN)]
+    return ["bin_start_s", "bin_end_s", "people", *groups, *SHOWN_GENDERS, "gender_unknown"]
 
 
 def count_rows(bins: Bins, people: list[Person]) -> list[list[object]]:
@@ -243,8 +237,8 @@ def count_rows(bins: Bins, people: list[Person]) -> list[list[object]]:
     rows = []
     for i, members in enumerate(bins.people):
         seen = [by_track[track] for track in members]
-        groups = [sum(p.age_group == g for p in seen) for g in (*AGE_GROUPS, UNKNOWN)]
-        genders = [sum(p.gender_key == g for p in seen) for g in (*GENDERS, UNKNOWN)]
+        groups = [sum(p.age_group == g for p in seen) for g in (*PERSON_AGE_GROUPS, UNKNOWN)]
+        genders = [sum(p.gender_key == g for p in seen) for g in (*SHOWN_GENDERS, UNKNOWN)]
         start = bins.start_s + i * bins.width_s
         rows.append([f"{start:.3f}", f"{start + bins.width_s:.3f}", len(seen), *groups, *genders])
     return rows
@@ -334,7 +328,7 @@ def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> byt
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     by_track = {person.track: person for person in people}
-    keys = [*AGE_GROUPS, UNKNOWN] if by == "age_group" else [*GENDERS, UNKNOWN]
+    keys = [*PERSON_AGE_GROUPS, UNKNOWN] if by == "age_group" else [*SHOWN_GENDERS, UNKNOWN]
     counts = {key: [] for key in keys}
     for members in bins.people:
         values = [getattr(by_track[track], by) for track in members]
@@ -360,11 +354,11 @@ def groups_chart(people: list[Person]) -> bytes:
     """Bars of people per age group, stacked by gender."""
     from matplotlib.figure import Figure
 
-    groups = [*AGE_GROUPS] + ([UNKNOWN] if any(p.age is None for p in people) else [])
+    groups = [*PERSON_AGE_GROUPS] + ([UNKNOWN] if any(p.age is None for p in people) else [])
     figure = Figure(figsize=(8, 3.2))
     axes = figure.add_subplot()
     bottom = np.zeros(len(groups))
-    for gender in (*GENDERS, UNKNOWN):
+    for gender in (*SHOWN_GENDERS, UNKNOWN):
         heights = np.array(
             [sum(p.age_group == g and p.gender_key == gender for p in people) for g in groups]
         )
