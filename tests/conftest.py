@@ -1,11 +1,18 @@
-"""Shared test data lives beside the checkout in ../shared (CI has it there too)."""
+"""What the tests share: the data beside the checkout in ../shared (CI has it there too), runs
+of the command, waits, free ports and a headless Chromium page."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -32,6 +39,50 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs shared test data at {path} (../shared beside the checkout)")
     return path
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, as root, on a machine with no network beyond itself: no sandbox, no GPU, and none
+# of Chromium's own background connections.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@contextmanager
+def chromium_page(width: int, height: int) -> Iterator:
+    """A page of Debian's Chromium driven by Playwright, closed afterwards; skips the calling
+    test, saying what to install, when either is missing."""
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("needs the playwright package: pip install -e '.[dev]' (no browser download)")
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def keep_screenshot(shot: Path) -> None:
+    """A copy of `shot` in $AGESTREAM_SCREENSHOT_DIR when it is set (for the closing notes)."""
+    if os.environ.get("AGESTREAM_SCREENSHOT_DIR"):
+        target = Path(os.environ["AGESTREAM_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(condition, timeout_s: float = 120.0, what: str = "condition") -> None:

@@ -11,7 +11,7 @@ import pytest
 from stream.batcher import EstimateBatcher
 from stream.config import Config
 from stream.hub import StreamHub
-from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, require, wait_for
+from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, free_port, require, wait_for
 
 D19 = VIDEOS / "livePortrait__driving__d19.mp4"
 D3 = VIDEOS / "livePortrait__driving__d3.mp4"
@@ -133,7 +133,6 @@ def test_given_rtsp_server_killed_when_served_then_it_recovers_and_the_file_keep
 def test_given_unreachable_camera_when_added_then_add_returns_at_once_and_it_fails(
     batcher: EstimateBatcher,
 ) -> None:
-    from tests.test_rtsp import free_port
 
     with StreamHub(Config(), batcher) as hub:
         started = time.monotonic()

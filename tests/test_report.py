@@ -4,10 +4,7 @@ lines, snapshots that hold faces, counts.csv against people.csv, and the page in
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -20,14 +17,9 @@ from detectors import create_detector
 from stream.align import pad_to_canvas
 from stream.config import DetectorConfig
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS
-from tests.conftest import HAMILTON, require
+from tests.conftest import HAMILTON, chromium_page, keep_screenshot, require
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 def agestream(*args: object) -> subprocess.CompletedProcess[str]:
@@ -139,36 +131,20 @@ def test_given_a_run_then_counts_csv_agrees_with_people_csv_and_the_json_lines(
 def test_given_the_report_then_chromium_loads_every_image_and_shows_every_person(
     report_dir: Path, tmp_path: Path
 ) -> None:
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs the playwright package: pip install -e '.[dev]' (no browser download)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+    with chromium_page(1200, 900) as page:
+        page.goto((report_dir / "index.html").as_uri(), wait_until="load")
+        images = page.eval_on_selector_all(
+            "img", "all => all.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
         )
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto((report_dir / "index.html").as_uri(), wait_until="load")
-            images = page.eval_on_selector_all(
-                "img", "all => all.map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
-            )
-            table_rows = page.locator("table#people tbody tr").count()
-            shot = tmp_path / "report-chromium.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+        table_rows = page.locator("table#people tbody tr").count()
+        shot = tmp_path / "report-chromium.png"
+        page.screenshot(path=str(shot), full_page=True)
     people = read_csv(report_dir / "people.csv")
     assert table_rows == len(people)
     assert len(images) == len(people) + 3  # a snapshot each, three charts
     assert all(complete and width > 0 for _, complete, width in images), images
     assert shot.stat().st_size > 10_000
-    if os.environ.get("AGESTREAM_SCREENSHOT_DIR"):
-        target = Path(os.environ["AGESTREAM_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target / shot.name)
+    keep_screenshot(shot)
 
 
 def with_source(run_jsonl: Path, path: Path, source: str) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import pytest
 
 from stream.outputs import partial_path
 from stream.sources import ReconnectPolicy, SourceEvent, VideoSource
-from tests.conftest import HAMILTON, require, wait_for
+from tests.conftest import HAMILTON, free_port, require, wait_for
 from tests.test_shutdown import EXIT_LIMIT_S, interrupt
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -67,12 +66,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs GStreamer's RTSP server for the system python3 (apt: python3-gi "
     "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class RtspServer:

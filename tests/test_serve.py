@@ -3,12 +3,9 @@ the live page in headless Chromium, and SIGINT/SIGTERM finalizing every stream's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,21 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, require
+from tests.conftest import (
+    HAMILTON,
+    VIDEOS,
+    chromium_page,
+    decoded_frame_count,
+    free_port,
+    keep_screenshot,
+    require,
+)
 
 S32 = VIDEOS / "livePortrait__source__s32.mp4"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 START_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -170,28 +164,14 @@ def test_given_serving_when_signalled_then_every_streams_outputs_are_finalized(
 def test_given_two_clips_served_then_chromium_shows_both_live_with_tracks(
     serve, tmp_path: Path
 ) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs playwright: pip install -e '.[dev]'")
-    from playwright.sync_api import sync_playwright
-
     server = serve(require(S32), require(HAMILTON))
     server.wait_running(2)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 960})
-            page.goto(f"http://127.0.0.1:{server.port}/", timeout=20_000)
-            check_both_live(page)
-            shot = tmp_path / "serve-page.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
-    if os.environ.get("AGESTREAM_SCREENSHOT_DIR"):
-        shutil.copy(shot, Path(os.environ["AGESTREAM_SCREENSHOT_DIR"]) / "serve-page.png")
+    shot = tmp_path / "serve-page.png"
+    with chromium_page(1280, 960) as page:
+        page.goto(f"http://127.0.0.1:{server.port}/", timeout=20_000)
+        check_both_live(page)
+        page.screenshot(path=str(shot), full_page=True)
+    keep_screenshot(shot)
     server.stop()
 
 

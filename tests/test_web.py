@@ -5,11 +5,8 @@ in headless Chromium."""
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
-import os
 import queue
-import shutil
 import socket
 import threading
 import time
@@ -23,13 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import ConfigError
 from stream.web import BOUNDARY, check_exposure, create_app, serve_forever
+from tests.conftest import chromium_page, keep_screenshot
 from tests.fake_hub import FakeHub
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 TOKEN = "s3cret-token"
 
 
@@ -490,31 +483,15 @@ def add_and_remove_through_the_page(page: object, hub: FakeHub) -> None:
 def test_given_two_streams_then_chromium_shows_the_live_page_and_can_add_and_remove(
     hub: FakeHub, tmp_path: Path
 ):
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("needs the playwright package: pip install -e '.[dev]' (no browser download)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"needs Chromium at {CHROMIUM}: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    shot = tmp_path / "serve-page.png"
-    with serving(hub, TOKEN) as port, sync_playwright() as playwright:
+    shot = tmp_path / "serve-page-fake-hub.png"
+    with serving(hub, TOKEN) as port, chromium_page(1280, 900) as page:
         base = f"http://127.0.0.1:{port}"
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            elsewhere = []
-            page.on("request", lambda r: r.url.startswith(base) or elsewhere.append(r.url))
-            page.goto(f"{base}/?token={TOKEN}", wait_until="load")
-            check_live_page(page)
-            page.screenshot(path=str(shot), full_page=True)
-            add_and_remove_through_the_page(page, hub)
-            assert elsewhere == [], f"the page loaded from elsewhere: {elsewhere}"
-        finally:
-            browser.close()
+        elsewhere = []
+        page.on("request", lambda r: r.url.startswith(base) or elsewhere.append(r.url))
+        page.goto(f"{base}/?token={TOKEN}", wait_until="load")
+        check_live_page(page)
+        page.screenshot(path=str(shot), full_page=True)
+        add_and_remove_through_the_page(page, hub)
+        assert elsewhere == [], f"the page loaded from elsewhere: {elsewhere}"
     assert shot.stat().st_size > 20_000
-    if os.environ.get("AGESTREAM_SCREENSHOT_DIR"):
-        target = Path(os.environ["AGESTREAM_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, target / shot.name)
+    keep_screenshot(shot)
