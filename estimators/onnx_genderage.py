@@ -82,7 +82,7 @@ def create_session(
             f"cannot load ONNX model {path}: {first_line(error)}; delete it so `agestream models` "
             "fetches a fresh copy, or point the config at a valid file"
         ) from error
-    log.info("estimator: %s runs on %s", path.name, session.get_providers()[0])
+    log.info("ONNX model %s runs on %s", path.name, session.get_providers()[0])
     return session
 
 

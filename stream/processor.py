@@ -1,5 +1,5 @@
-"""One frame's work with memory: detect → track (confirmed by a second look) → identify the
-person → estimate the faces that need it → smooth."""
+"""One frame's work with memory: detect → find shot cuts → track (confirmed by a second look,
+one face identity per track) → identify the person → estimate the faces that need it → smooth."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from stream.analyzer import FaceAnalyzer
 from stream.appearance import Identities
 from stream.config import TrackingConfig
+from stream.cuts import CutDetector, face_looks, scene_signature
 from stream.smoothing import TrackSmoother, view_quality
 from stream.tracking import Tracker
 from stream.types import Estimates, Faces, Frame, FrameResult
@@ -21,13 +22,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Detected:
-    """A frame after detection: its RGB image and faces, or the error that stopped it."""
+    """A frame after detection: its RGB image, faces, scene signature and face looks
+    (stream.cuts), or the error that stopped it."""
 
     frame: Frame
     image_rgb: np.ndarray | None
     faces: Faces | None
     timings: dict[str, float]
     error: Exception | None = None
+    scene: np.ndarray | None = None
+    looks: np.ndarray | None = None
 
 
 def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
@@ -49,11 +53,16 @@ class FrameProcessor:
 
     def __init__(self, analyzer: FaceAnalyzer, tracking: TrackingConfig, fps: float) -> None:
         self.analyzer = analyzer
+        identity = tracking.identity_distance if analyzer.embedder is not None else 0.0
         self.tracker = Tracker(
             fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits,
-            tracking.face_check_score,
+            tracking.face_check_score, identity,
+            max(1, round(tracking.identity_check_s * fps)), round(tracking.identity_wait_s * fps),
         )  # fmt: skip
-        self.identities = Identities(tracking.reid_s, tracking.reid_similarity)
+        self.cuts = CutDetector(tracking.cut_threshold)
+        self.identities = Identities(
+            tracking.reid_s, tracking.reid_distance, tracking.reid_similarity
+        )
         self.smoother = TrackSmoother(tracking, fps)
         self.faces_estimated = 0
 
@@ -63,7 +72,11 @@ class FrameProcessor:
         timings: dict[str, float] = {}
         try:
             image_rgb, faces = self.analyzer.detect(frame.image, timings)
-            return Detected(frame, image_rgb, faces, timings)
+            at = time.perf_counter()
+            scene = scene_signature(frame.image) if self.cuts.threshold > 0 else None
+            looks = face_looks(frame.image, faces.xyxy) if self.tracker.identity_threshold else None
+            timings["scene"] = (time.perf_counter() - at) * 1000
+            return Detected(frame, image_rgb, faces, timings, scene=scene, looks=looks)
         except Exception as error:
             return Detected(frame, None, None, timings, error)
 
@@ -75,12 +88,27 @@ class FrameProcessor:
             raise detected.error
         frame, faces, timings = detected.frame, detected.faces, dict(detected.timings)
         started = time.perf_counter()
+        image_rgb = detected.image_rgb
+
+        def identify(due: Faces) -> np.ndarray:
+            at = time.perf_counter()
+            descriptors = self.analyzer.face_identity(image_rgb, due)
+            timings["identity"] = (time.perf_counter() - at) * 1000
+            return descriptors
+
+        timings["identity"] = 0.0
         update = self.tracker.update(
-            faces, lambda pending: self.analyzer.face_likeness(detected.image_rgb, pending)
+            faces,
+            lambda pending: self.analyzer.face_likeness(image_rgb, pending),
+            identify,
+            cut=detected.scene is not None and self.cuts.update(detected.scene),
+            looks=detected.looks,
         )
         gone = self.identities.end(self.smoother.end(update.ended), t_ms / 1000.0)
         self.smoother.observe(update.track_ids)
-        people = self.identities.update(frame.image, faces.xyxy, update.track_ids, update.confirmed)
+        people = self.identities.update(
+            frame.image, faces.xyxy, update.track_ids, update.confirmed, update.signatures
+        )
         for track_id, earlier in people.returned:
             self.smoother.merge(track_id, earlier)
         quality = view_quality(frame.image, faces)
@@ -104,6 +132,7 @@ class FrameProcessor:
             confirmed=update.confirmed,
             t_ms=t_ms,
             timings_ms=timings,
+            cut=update.cut,
         )
         return result, gone
 

@@ -167,7 +167,10 @@ def frame_record(result: FrameResult) -> dict:
         if result.quality is not None:
             face["quality"] = round(float(result.quality[i]), 4)
         faces.append(face)
-    return {"frame": result.frame.index, "t_ms": round(result.t_ms, 3), "faces": faces}
+    record = {"frame": result.frame.index, "t_ms": round(result.t_ms, 3), "faces": faces}
+    if result.cut:
+        record["cut"] = True  # a new shot: no track continues into it
+    return record
 
 
 class JsonLinesSink(_FileSink):

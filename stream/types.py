@@ -186,7 +186,8 @@ class FrameResult:
     estimated (see `estimated`); `smoothed` are the per-track values shown; `quality`
     is each face's view quality (stream.smoothing.view_quality). `track_ids` are the
     people's identities; `confirmed` is False for faces whose track is not yet confirmed
-    (too few detections, or not yet a face to a second look): they get no label.
+    (too few detections, or not yet a face to a second look): they get no label. `cut` is
+    True when the frame starts a new shot (every earlier track ended before it).
     """
 
     frame: Frame
@@ -199,6 +200,7 @@ class FrameResult:
     confirmed: np.ndarray | None = None
     t_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    cut: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.faces)

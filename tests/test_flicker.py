@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from stream.reports.flicker import age_group_index, flicker_report, format_flicker, label_changes
+from stream.reports.flicker import (
+    age_group_index,
+    disagrees,
+    flicker_report,
+    format_flicker,
+    label_changes,
+)
 from tests.conftest import VIDEOS, require
 
 
@@ -74,10 +80,34 @@ def test_given_a_report_then_its_text_names_every_column_and_says_gender(tmp_pat
     header, row = text.splitlines()[1:3]
     assert header.split() == [
         "track", "frames", "seconds", "age", "raw", "age", "smoothed", "gender", "raw", "gender",
-        "smoothed", "unsure",
+        "smoothed", "unsure", "contradicting", "cuts",
     ]  # fmt: skip
-    assert row.split() == ["1", "10", "1.0", "9", "0", "0", "0", "0"]
+    assert row.split() == ["1", "10", "1.0", "9", "0", "0", "0", "0", "0", "of", "10", "0"]
     assert "sex" not in text and "gender raw 0.000, smoothed 0.000" in text
+
+
+def test_given_raw_estimates_then_only_strong_contradictions_of_the_label_count() -> None:
+    assert disagrees(face(1, 30, "male", 39, 0.6)) is False, "9 years and p 0.6: one person"
+    assert disagrees(face(1, 30, "male", 43, 0.9)) is True, "13 years off a 30-year-old (> 12)"
+    assert disagrees(face(1, 60, "male", 80, 0.9)) is False, "within 40 % of 60"
+    assert disagrees(face(1, 30, "male", 30, 0.15)) is True, "a clear female view of a male"
+    assert disagrees(face(1, 30, "unsure", 30, 0.05)) is False, "no gender shown"
+    assert disagrees(face(1, 30, "male", None, None)) is None, "not estimated"
+
+
+def test_given_a_track_of_two_people_across_a_cut_then_it_is_flagged(tmp_path: Path) -> None:
+    adult, child = face(1, 35, "female", 36, 0.1), face(1, 30, "female", 5, 0.4)
+    records = [
+        {"frame": i, "t_ms": i * 100.0, "faces": [adult if i < 6 else child]}
+        | ({"cut": True} if i == 6 else {})
+        for i in range(12)
+    ]
+    report = flicker_report(write_jsonl(tmp_path / "run.jsonl", records))
+    assert report["cuts"] == 1 and report["tracks_across_cuts"] == [1]
+    assert report["suspect_tracks"] == [1]
+    assert report["per_track"][0]["disagreeing_share"] == 0.5
+    text = format_flicker(report)
+    assert "shot cuts: 1" in text and "more than one person?): 1" in text
 
 
 def test_given_a_shared_clip_then_smoothed_flicker_is_at_most_a_fifth_of_raw(

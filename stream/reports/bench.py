@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stream.config import Config
+from stream.config import Config, apply_file
 from stream.outputs import write_report
 from stream.sources import SimulatedLiveSource, VideoSource
 
@@ -297,7 +297,9 @@ def _frames_written(counts: list[int]) -> str:
 def format_results(results: dict) -> str:
     lines = [f"bench on {results['source']} (noisy on a busy machine: compare ratios)"]
     lines.append(f"  decode only   {results['decode']['fps']:7.1f} FPS (the bound)")
-    for key in ("naive", "pipeline"):
+    for key in ("naive", "pipeline", "baseline"):
+        if key not in results:
+            continue
         part = results[key]
         rounds = ", ".join(f"{fps:.1f}" for fps in part["fps_per_round"])
         lines.append(
@@ -308,6 +310,12 @@ def format_results(results: dict) -> str:
             lines.append(f"    {name:<18} p50 {stat['p50']:7.2f} ms  p95 {stat['p95']:7.2f} ms")
     ratios = ", ".join(f"{ratio:.2f}" for ratio in results["speedup_per_round"])
     lines.append(f"  pipeline / naive: {results['speedup']:.2f}x (median of rounds: {ratios})")
+    if "baseline" in results:
+        ratios = ", ".join(f"{r:.3f}" for r in results["pipeline_vs_baseline_per_round"])
+        lines.append(
+            f"  pipeline / baseline ({results['baseline']['changes']}):"
+            f" {results['pipeline_vs_baseline']:.3f}x (median of rounds: {ratios})"
+        )
     encode = results["encode"]
     lines.append(
         f"  video encode CPU per frame ({encode['frames']} frames): H.264 fragmented MP4"
@@ -325,6 +333,16 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def baseline_results(path: str, runs: list[LoopRun], baseline_runs: list[LoopRun]) -> dict:
+    """The baseline pipeline's figures and pipeline / baseline FPS, per round and median."""
+    ratios = [run.fps / base.fps for run, base in zip(runs, baseline_runs)]
+    return {
+        "baseline": combine(baseline_runs) | {"changes": str(path)},
+        "pipeline_vs_baseline_per_round": [round(ratio, 3) for ratio in ratios],
+        "pipeline_vs_baseline": round(float(np.median(ratios)), 3),
+    }
+
+
 def run_bench(config: Config, args: argparse.Namespace) -> int:
     """Benchmark `args.source`; prints a table and optionally writes JSON. Returns 0."""
     if getattr(args, "streams", None):
@@ -336,9 +354,11 @@ def run_bench(config: Config, args: argparse.Namespace) -> int:
         raise ValueError(f"bench needs a video file, but got {VideoSource(source).source_id}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    baseline = apply_file(config, args.baseline) if getattr(args, "baseline", None) else None
     results: dict = {"source": source}
     naive_runs: list[LoopRun] = []
     pipeline_runs: list[LoopRun] = []
+    baseline_runs: list[LoopRun] = []
     with tempfile.TemporaryDirectory(prefix="agestream-bench-") as scratch:
         log.info("bench: decode only")
         results["decode"] = decode_only(source, args.max_frames)
@@ -353,8 +373,15 @@ def run_bench(config: Config, args: argparse.Namespace) -> int:
             pipeline_runs.append(
                 pipeline_file(config, source, args.max_frames, Path(scratch) / "pipeline.mp4")
             )
+            if baseline is not None:
+                log.info("bench: round %d of %d: baseline pipeline", round_number, args.rounds)
+                baseline_runs.append(
+                    pipeline_file(baseline, source, args.max_frames, Path(scratch) / "base.mp4")
+                )
     results["naive"] = combine(naive_runs)
     results["pipeline"] = combine(pipeline_runs)
+    if baseline_runs:
+        results.update(baseline_results(args.baseline, pipeline_runs, baseline_runs))
     ratios = [piped.fps / naive.fps for naive, piped in zip(naive_runs, pipeline_runs)]
     results["speedup_per_round"] = [round(ratio, 2) for ratio in ratios]
     results["speedup"] = round(float(np.median(ratios)), 2)

@@ -1,5 +1,6 @@
-"""Label flicker of a run, from its JSON lines: how often each track's displayed age group
-and gender change per second, raw per-frame estimates against smoothed ones."""
+"""Label flicker and identity checks of a run, from its JSON lines: how often each track's
+displayed age group and gender change per second (raw per-frame estimates against smoothed
+ones), how often its raw estimates contradict its label, and which tracks span a shot cut."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ log = logging.getLogger(__name__)
 # The age groups of the FairFace ViT model card (seed 000): 0-2, 3-9, 10-19, ..., 70+.
 AGE_GROUP_EDGES = (0, 3, 10, 20, 30, 40, 50, 60, 70)
 SHORT_TRACK_S = 1.0
+# A raw age this far from the track's shown age (years, or this share of the shown age if
+# more) contradicts it: further than one person's estimates stray between views.
+DISAGREE_AGE_YEARS, DISAGREE_AGE_SHARE = 10.0, 0.4
+# A raw P(male) this far beyond 0.5 on the other side of the shown gender contradicts it.
+DISAGREE_P_MALE = 0.3
+# A track with at least this many estimated views, this share of them contradicting its
+# label, probably holds more than one person.
+SUSPECT_MIN_VIEWS, SUSPECT_SHARE = 5, 0.3
 
 
 def age_group_index(age: float) -> int:
@@ -38,6 +47,34 @@ class TrackFlicker:
     gender_changes_raw: int
     gender_changes_smoothed: int
     unsure_changes: int
+    estimated_views: int
+    disagreeing_views: int
+    cuts_spanned: int
+
+    @property
+    def disagreeing_share(self) -> float:
+        return self.disagreeing_views / self.estimated_views if self.estimated_views else 0.0
+
+    @property
+    def suspect(self) -> bool:
+        """Whether the track probably holds more than one person."""
+        return self.estimated_views >= SUSPECT_MIN_VIEWS and self.disagreeing_share >= SUSPECT_SHARE
+
+
+def disagrees(face: dict) -> bool | None:
+    """Whether a face's raw estimate contradicts its shown label; None when not estimated."""
+    age, raw_age = face.get("age"), face.get("age_raw")
+    p_male_raw, gender = face.get("p_male_raw"), face.get("gender")
+    if raw_age is None and p_male_raw is None:
+        return None
+    if age is not None and raw_age is not None:
+        if abs(raw_age - age) > max(DISAGREE_AGE_YEARS, DISAGREE_AGE_SHARE * age):
+            return True
+    if p_male_raw is not None and gender in ("male", "female"):
+        towards_male = p_male_raw - 0.5
+        if (towards_male if gender == "female" else -towards_male) > DISAGREE_P_MALE:
+            return True
+    return False
 
 
 class RecordsError(ValueError):
@@ -92,16 +129,22 @@ def read_records(path: Path) -> list[dict]:
 
 
 def track_flicker(records: list[dict]) -> list[TrackFlicker]:
+    """One row per track id of the records."""
     times = np.array([record["t_ms"] for record in records], dtype=float)
+    cut_frames = [record["frame"] for record in records if record.get("cut")]
     frame_ms = float(np.median(np.diff(times))) if len(times) > 1 else 1000 / 30
     faces_by_track: dict[int, list[tuple[float, dict]]] = defaultdict(list)
+    frames_by_track: dict[int, list[int]] = defaultdict(list)
     for record in records:
         for face in record["faces"]:
             if face.get("track") is not None:
                 faces_by_track[face["track"]].append((record["t_ms"], face))
+                frames_by_track[face["track"]].append(record["frame"])
     rows = []
     for track, seen in sorted(faces_by_track.items()):
         faces = [face for _, face in seen]
+        first, last = frames_by_track[track][0], frames_by_track[track][-1]
+        verdicts = [verdict for verdict in map(disagrees, faces) if verdict is not None]
 
         def group(age: float | None) -> int | None:
             return None if age is None else age_group_index(age)
@@ -124,6 +167,9 @@ def track_flicker(records: list[dict]) -> list[TrackFlicker]:
                 # Male to female or back (through "unsure" or not): what contradicts itself.
                 gender_changes_smoothed=label_changes([decided(f["gender"]) for f in faces]),
                 unsure_changes=label_changes([f["gender"] == "unsure" for f in faces]),
+                estimated_views=len(verdicts),
+                disagreeing_views=sum(verdicts),
+                cuts_spanned=sum(first < cut <= last for cut in cut_frames),
             )
         )
     return rows
@@ -131,7 +177,8 @@ def track_flicker(records: list[dict]) -> list[TrackFlicker]:
 
 def flicker_report(path: Path) -> dict:
     """Per-track flicker and totals: changes per track-second, raw and smoothed."""
-    rows = track_flicker(read_records(path))
+    records = read_records(path)
+    rows = track_flicker(records)
     seconds = sum(row.seconds for row in rows)
 
     def rate(name: str) -> float:
@@ -151,7 +198,12 @@ def flicker_report(path: Path) -> dict:
             "smoothed": rate("gender_changes_smoothed"),
         },
         "unsure_changes_per_s": rate("unsure_changes"),
-        "per_track": [asdict(row) for row in rows],
+        "cuts": sum(bool(record.get("cut")) for record in records),
+        "suspect_tracks": [row.track for row in rows if row.suspect],
+        "tracks_across_cuts": [row.track for row in rows if row.cuts_spanned],
+        "per_track": [
+            asdict(row) | {"disagreeing_share": round(row.disagreeing_share, 3)} for row in rows
+        ],
     }
 
 
@@ -184,13 +236,15 @@ def compare_runs(path: Path, reference: Path) -> dict:
 def format_flicker(report: dict) -> str:
     """The report as text: a header line, one row per track (frames, seconds, and the number
     of changes of its age group and of its gender, raw and smoothed, and of the smoothed label
-    into or out of "unsure"), then the rates."""
+    into or out of "unsure", the share of its estimated views whose raw estimate contradicts
+    its label, and the shot cuts it spans), then the rates and the tracks to look at."""
     age, gender = report["age_group_changes_per_s"], report["gender_changes_per_s"]
     lines = [
         f"{report['file']}: {report['tracks']} track IDs, {report['short_tracks']} shorter than "
         f"{SHORT_TRACK_S:.0f} s, {report['track_seconds']:.1f} track-seconds",
         f"{'track':>5} {'frames':>6} {'seconds':>7} {'age raw':>7} {'age smoothed':>12}"
-        f" {'gender raw':>10} {'gender smoothed':>15} {'unsure':>6}",
+        f" {'gender raw':>10} {'gender smoothed':>15} {'unsure':>6} {'contradicting':>13}"
+        f" {'cuts':>4}",
     ]
     for row in report["per_track"]:
         lines.append(
@@ -198,10 +252,29 @@ def format_flicker(report: dict) -> str:
             f" {row['age_changes_raw']:>7} {row['age_changes_smoothed']:>12}"
             f" {row['gender_changes_raw']:>10} {row['gender_changes_smoothed']:>15}"
             f" {row['unsure_changes']:>6}"
+            f" {row['disagreeing_views']:>4} of {row['estimated_views']:<5}"
+            f" {row['cuts_spanned']:>4}"
         )
     lines.append(
         f"changes per track-second: age group raw {age['raw']:.3f}, smoothed {age['smoothed']:.3f};"
         f" gender raw {gender['raw']:.3f}, smoothed {gender['smoothed']:.3f}"
         f" (and {report['unsure_changes_per_s']:.3f} into or out of unsure)"
     )
+    lines.extend(_identity_lines(report))
     return "\n".join(lines)
+
+
+def _identity_lines(report: dict) -> list[str]:
+    """What says a track may hold more than one person."""
+    lines = [f"shot cuts: {report['cuts']}"]
+    if report["suspect_tracks"]:
+        lines.append(
+            f"tracks whose raw estimates contradict their label in >= {SUSPECT_SHARE:.0%} of"
+            f" views (more than one person?): {', '.join(map(str, report['suspect_tracks']))}"
+        )
+    if report["tracks_across_cuts"]:
+        lines.append(
+            "tracks on both sides of a cut (the same person re-identified, or two people):"
+            f" {', '.join(map(str, report['tracks_across_cuts']))}"
+        )
+    return lines
