@@ -25,6 +25,8 @@ def combine(age: Estimates, gender: Estimates) -> Estimates:
         age_group_labels=age.age_group_labels,
         age_raw=age.age_raw,
         age_std=age.age_std,
+        age_low=age.age_low,
+        age_high=age.age_high,
     )
 
 

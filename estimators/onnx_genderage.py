@@ -242,14 +242,44 @@ class GenderAge:
         return self._model.estimate(crops)
 
 
+# The 80 % age range of a face: the 10th to 90th percentile of the model's own age
+# distribution, narrowed or widened about its mean by a factor per band of the estimated age,
+# so that on the development faces (split 0, through the whole pipeline) each band's ranges
+# hold 80 % of true ages (README: "Age ranges"). Raw percentiles held 90.5 % of children's
+# true ages and 70.9 % of the over-60s'.
+AGE_RANGE_QUANTILES = (0.1, 0.9)
+AGE_RANGE_BAND_EDGES = (10.0, 20.0, 60.0)
+AGE_RANGE_SCALES = (0.74, 1.04, 0.90, 1.12)
+
+
+def _quantiles(age_probs: np.ndarray, share: float) -> np.ndarray:
+    """(n,) the age (years, interpolated between bins) below which `share` of each row of an
+    (n, bins) distribution over 0, 1, ... years lies."""
+    cdf = np.cumsum(age_probs, axis=1)
+    above = np.clip((cdf < share).sum(axis=1), 1, cdf.shape[1] - 1)
+    rows = np.arange(len(cdf))
+    low, high = cdf[rows, above - 1], cdf[rows, above]
+    return above - 1 + np.clip((share - low) / np.maximum(high - low, 1e-12), 0.0, 1.0)
+
+
+def age_range(age_probs: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) float32 calibrated 80 % age range of each (n, bins) distribution."""
+    scale = np.array(AGE_RANGE_SCALES)[np.searchsorted(AGE_RANGE_BAND_EDGES, mean, side="right")]
+    low, high = (_quantiles(age_probs, share) for share in AGE_RANGE_QUANTILES)
+    return (
+        np.maximum(mean - scale * (mean - low), 0.0).astype(np.float32),
+        (mean + scale * (high - mean)).astype(np.float32),
+    )
+
+
 def decode_genderage(output: np.ndarray, age_probs: np.ndarray | None = None) -> Estimates:
     """(n, 3) female logit, male logit, age / 100 -> Estimates. A plain regressor has no age
     confidence (NaN); with the (n, bins) age distribution over 0, 1, ... years, its spread
-    is kept as `age_std`."""
+    is kept as `age_std` and its calibrated 80 % range as `age_low`/`age_high`."""
     if output.ndim != 2 or output.shape[1] != 3:
         raise ValueError(f"genderage output must have shape (n, 3), but got {output.shape}")
     n = len(output)
-    age_std = None
+    age_std = age_low = age_high = None
     if age_probs is not None:
         if age_probs.ndim != 2 or len(age_probs) != n:
             raise ValueError(
@@ -258,11 +288,14 @@ def decode_genderage(output: np.ndarray, age_probs: np.ndarray | None = None) ->
         years = np.arange(age_probs.shape[1], dtype=np.float64)
         mean = age_probs @ years
         age_std = np.sqrt(np.maximum(age_probs @ years**2 - mean**2, 0.0)).astype(np.float32)
+        age_low, age_high = age_range(age_probs.astype(np.float64), mean)
     return Estimates(
         age=(output[:, 2] * 100.0).astype(np.float32),
         p_male=softmax(output[:, :2].astype(np.float64))[:, 1].astype(np.float32),
         age_confidence=np.full((n,), np.nan, np.float32),
         age_std=age_std,
+        age_low=age_low,
+        age_high=age_high,
     )
 
 

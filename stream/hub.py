@@ -33,7 +33,7 @@ from estimators.base import first_line
 from stream.buffers import END_OF_STREAM, Empty
 from stream.config import Config, OutputConfig
 from stream.outputs import OutputError, check_output_paths
-from stream.overlay import face_label_state, font_scale, gender_confidence
+from stream.overlay import face_label_state, font_scale, gender_confidence, shown_age_range
 from stream.pipeline import (
     POLL_S,
     RunSummary,
@@ -90,11 +90,14 @@ def track_statuses(result: FrameResult, since_ms: dict[int, float]) -> tuple[Tra
         age, p_male, gender = face_label_state(result, i)
         uncertainty = math.inf if result.smoothed is None else result.smoothed.age_uncertainty[i]
         confidence = gender_confidence(gender, p_male)
+        low, high = shown_age_range(result, i)
         tracks.append(
             TrackStatus(
                 track=int(person),
                 age=_finite(age),
                 age_uncertainty=_finite(float(uncertainty)),
+                age_low=_finite(low),
+                age_high=_finite(high),
                 gender=gender,
                 confidence=None if confidence is None else _finite(confidence),
                 seconds_in_view=round(

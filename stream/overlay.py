@@ -37,19 +37,41 @@ def gender_confidence(gender: str | None, p_male: float) -> float | None:
     return {"male": p_male, "female": 1.0 - p_male}.get(gender)
 
 
-def face_label(age: float, p_male: float, gender: str | None, uncertainty: float = math.inf) -> str:
-    """`"F 34±2 (90%)"`: the gender call and its confidence, the age and its standard error
-    (once a track has more than one estimate). An unsure gender is "?" without a percentage;
+def age_text(age: float, age_range: tuple[float, float] = (math.nan, math.nan)) -> str:
+    """The age as people read it: its 80 % range, "38-52", when there is one (a lone "±2"
+    read as "right to 2 years"), else the age alone; "" for no age."""
+    low, high = age_range
+    if math.isfinite(low) and math.isfinite(high):
+        return f"{low:.0f}-{high:.0f}"
+    return "" if math.isnan(age) else f"{age:.0f}"
+
+
+def shown_age_range(result: FrameResult, i: int) -> tuple[float, float]:
+    """Face `i`'s 80 % age range as shown: its track's, or its own estimate's without
+    tracking; NaN without one."""
+    if result.smoothed is not None:
+        return float(result.smoothed.age_low[i]), float(result.smoothed.age_high[i])
+    if result.estimates.age_low is not None and result.estimates.age_high is not None:
+        return float(result.estimates.age_low[i]), float(result.estimates.age_high[i])
+    return math.nan, math.nan
+
+
+def face_label(
+    age: float,
+    p_male: float,
+    gender: str | None,
+    age_range: tuple[float, float] = (math.nan, math.nan),
+) -> str:
+    """`"F 38-52 (90%)"`: the gender call and its confidence, and the age's 80 % range (the
+    age alone from an estimator without one). An unsure gender is "?" without a percentage;
     what an estimator does not predict (NaN, None) is left out."""
     parts = []
     if gender == "unsure":
         parts.append("?")
     elif gender is not None:
         parts.append("M" if gender == "male" else "F")
-    if not math.isnan(age):
-        parts.append(
-            f"{age:.0f}" + (f"±{max(uncertainty, 1.0):.0f}" if math.isfinite(uncertainty) else "")
-        )
+    if age_text(age, age_range):
+        parts.append(age_text(age, age_range))
     confidence = gender_confidence(gender, p_male)
     if confidence is not None:
         parts.append(f"({confidence:.0%})")
@@ -161,8 +183,7 @@ def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = 
     taken.extend(boxes.values())
     for i in shown:
         age, p_male, gender = face_label_state(result, i)
-        uncertainty = math.inf if result.smoothed is None else result.smoothed.age_uncertainty[i]
-        label = face_label(age, p_male, gender, float(uncertainty))
+        label = face_label(age, p_male, gender, shown_age_range(result, i))
         if result.track_ids is not None:
             label = f"#{result.track_ids[i]} {label}"
         colour = _face_colour(gender)

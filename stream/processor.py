@@ -37,7 +37,7 @@ class Detected:
 def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
     """Full-length estimates with NaN where `mask` is False."""
     columns = {}
-    for name in ("age", "p_male", "age_confidence", "age_std"):
+    for name in ("age", "p_male", "age_confidence", "age_std", "age_low", "age_high"):
         values = getattr(estimates, name)
         if values is None:
             continue

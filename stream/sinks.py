@@ -20,7 +20,7 @@ import numpy as np
 
 from stream.config import OutputConfig
 from stream.outputs import OutputError, PartialFile, json_number
-from stream.overlay import face_label_state
+from stream.overlay import face_label_state, shown_age_range
 from stream.track_report import TrackLedger, TrackSummary
 from stream.types import FrameResult
 
@@ -157,9 +157,16 @@ def frame_record(result: FrameResult) -> dict:
             "gender": gender,
             "p_male": json_number(p_male, 4),
         }
+        low, high = shown_age_range(result, i) if shown else (math.nan, math.nan)
+        face["age_low"], face["age_high"] = json_number(low, 1), json_number(high, 1)
         if result.smoothed is not None:
             uncertainty = result.smoothed.age_uncertainty[i] if shown else math.nan
             face["age_uncertainty"] = json_number(uncertainty, 2)
+            # This frame's own 80 % range; null for estimators without one.
+            face["age_low_raw"] = face["age_high_raw"] = None
+            if raw.age_low is not None and raw.age_high is not None:
+                face["age_low_raw"] = json_number(raw.age_low[i], 1)
+                face["age_high_raw"] = json_number(raw.age_high[i], 1)
             face["age_raw"] = json_number(raw.age[i], 2)
             face["p_male_raw"] = json_number(raw.p_male[i], 4)
             # The spread of this frame's age distribution; null for estimators without one.
@@ -197,7 +204,8 @@ class JsonLinesSink(_FileSink):
 
 TRACK_CSV_COLUMNS = [f.name for f in dataclasses.fields(TrackSummary)]
 TRACK_CSV_DIGITS = {
-    "first_t_ms": 1, "last_t_ms": 1, "age": 2, "age_uncertainty": 2, "p_male": 4,
+    "first_t_ms": 1, "last_t_ms": 1, "age": 2, "age_uncertainty": 2, "age_low": 1, "age_high": 1,
+    "p_male": 4,
     "mean_quality": 4,
 }  # fmt: skip
 

@@ -123,15 +123,30 @@ class TrackState:
         # weights and the weighted log-odds of male.
         self.w = self.w2 = self.wx = self.wxx = 0.0
         self.w_gender = self.logit_evidence = 0.0
+        # Weights of the views with an age range, and their weighted distances from their age
+        # down to the range's low end and up to its high end.
+        self.w_range = self.w_below = self.w_above = 0.0
         self.gender = UNSURE
 
-    def add_estimate(self, age: float, p_male: float, weight: float, decay: float) -> None:
+    def add_estimate(
+        self,
+        age: float,
+        p_male: float,
+        weight: float,
+        decay: float,
+        age_range: tuple[float, float] = (math.nan, math.nan),
+    ) -> None:
         """Fold in one estimate; NaN stands for what the estimator does not predict."""
         if math.isfinite(age):
             self.w = decay * self.w + weight
             self.w2 = decay**2 * self.w2 + weight**2
             self.wx = decay * self.wx + weight * age
             self.wxx = decay * self.wxx + weight * age * age
+        low, high = age_range
+        if math.isfinite(age) and math.isfinite(low) and math.isfinite(high):
+            self.w_range = decay * self.w_range + weight
+            self.w_below = decay * self.w_below + weight * (age - low)
+            self.w_above = decay * self.w_above + weight * (high - age)
         if math.isfinite(p_male):
             p = min(max(p_male, P_CLIP), 1 - P_CLIP)
             self.w_gender = decay * self.w_gender + weight
@@ -140,7 +155,9 @@ class TrackState:
 
     def merge(self, earlier: TrackState) -> None:
         """Take in the evidence of the same person's earlier track (re-identified)."""
-        for name in ("w", "w2", "wx", "wxx", "w_gender", "logit_evidence"):
+        for name in (
+            "w", "w2", "wx", "wxx", "w_gender", "logit_evidence", "w_range", "w_below", "w_above"
+        ):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(earlier, name))
         self.best_quality = max(self.best_quality, earlier.best_quality)
         self.gender = earlier.gender
@@ -162,6 +179,16 @@ class TrackState:
     @property
     def age(self) -> float:
         return self.wx / self.w if self.w > 0 else math.nan
+
+    @property
+    def age_range(self) -> tuple[float, float]:
+        """The track's 80 % age range: its views' ranges, as distances below and above their
+        own ages averaged with the weights of the age, about the smoothed age. Views of one
+        face share its errors, so more views do not narrow it (unlike `age_uncertainty`)."""
+        if self.w_range <= 0 or self.w <= 0:
+            return math.nan, math.nan
+        age = self.age
+        return max(age - self.w_below / self.w_range, 0.0), age + self.w_above / self.w_range
 
     @property
     def age_uncertainty(self) -> float:
@@ -231,28 +258,36 @@ class TrackSmoother:
         frame: int,
     ) -> None:
         """Fold in estimates for the faces that were estimated this frame."""
-        for track_id, age, p_male, confidence, q in zip(
+        no_range = np.full(len(estimates), np.nan, np.float32)
+        lows = no_range if estimates.age_low is None else estimates.age_low
+        highs = no_range if estimates.age_high is None else estimates.age_high
+        for track_id, age, p_male, confidence, q, low, high in zip(
             track_ids.tolist(),
             estimates.age.tolist(),
             estimates.p_male.tolist(),
             estimate_confidence(estimates).tolist(),
             quality.tolist(),
+            lows.tolist(),
+            highs.tolist(),
         ):
             state = self._states[track_id]
             # The estimator's own confidence scales the view quality; a floor keeps a
             # hard-to-call face from being ignored entirely.
             weight = max(q, 1e-3) * (0.5 + 0.5 * confidence)
-            state.add_estimate(age, p_male, weight, self._decay)
+            state.add_estimate(age, p_male, weight, self._decay, (low, high))
             state.last_estimated_frame = frame
             state.best_quality = max(state.best_quality, q)
 
     def smoothed(self, track_ids: np.ndarray) -> Smoothed:
         states = [self._states[track_id] for track_id in track_ids.tolist()]
+        ranges = np.array([s.age_range for s in states], np.float32).reshape(-1, 2)
         return Smoothed(
             age=np.array([s.age for s in states], np.float32),
             age_uncertainty=np.array([s.age_uncertainty for s in states], np.float32),
             p_male=np.array([s.p_male for s in states], np.float32),
             gender=np.array([s.gender for s in states], np.int8),
+            age_low=ranges[:, 0],
+            age_high=ranges[:, 1],
         )
 
     def merge(self, track_id: int, earlier: TrackState) -> None:

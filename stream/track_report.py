@@ -21,6 +21,8 @@ class TrackSummary:
     frames_estimated: int
     age: float
     age_uncertainty: float
+    age_low: float
+    age_high: float
     gender: str
     p_male: float
     mean_quality: float
@@ -37,6 +39,8 @@ class _Entry:
     quality_sum: float = 0.0
     age: float = math.nan
     age_uncertainty: float = math.inf
+    age_low: float = math.nan
+    age_high: float = math.nan
     gender: str = ""
     p_male: float = math.nan
 
@@ -63,6 +67,8 @@ class TrackLedger:
             entry.quality_sum += float(result.quality[i]) if result.quality is not None else 0.0
             entry.age = float(smoothed.age[i])
             entry.age_uncertainty = float(smoothed.age_uncertainty[i])
+            entry.age_low = float(smoothed.age_low[i])
+            entry.age_high = float(smoothed.age_high[i])
             entry.p_male = float(smoothed.p_male[i])
             entry.gender = GENDER_NAMES[smoothed.gender[i]] or ""
 
@@ -89,6 +95,8 @@ def _summary(track_id: int, entry: _Entry) -> TrackSummary:
         frames_estimated=entry.frames_estimated,
         age=entry.age,
         age_uncertainty=entry.age_uncertainty,
+        age_low=entry.age_low,
+        age_high=entry.age_high,
         gender=entry.gender,
         p_male=entry.p_male,
         mean_quality=entry.quality_sum / max(entry.frames_seen, 1),

@@ -109,6 +109,8 @@ class Estimates:
         age_raw: (n,) float32 age before the estimator's bias correction, or None.
         age_std: (n,) float32 spread (standard deviation, years) of the estimator's own age
             distribution for each face, or None when it gives none.
+        age_low, age_high: (n,) float32 calibrated 80 % range of each face's age (years), or
+            None from an estimator without an age distribution.
     """
 
     age: np.ndarray
@@ -118,6 +120,8 @@ class Estimates:
     age_group_labels: tuple[str, ...] | None = None
     age_raw: np.ndarray | None = None
     age_std: np.ndarray | None = None
+    age_low: np.ndarray | None = None
+    age_high: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_shape("Estimates.age", self.age, (None,))
@@ -131,8 +135,11 @@ class Estimates:
             check_shape("Estimates.age_groups", self.age_groups, (n, len(labels)))
         if self.age_raw is not None:
             check_shape("Estimates.age_raw", self.age_raw, (n,))
-        if self.age_std is not None:
-            check_shape("Estimates.age_std", self.age_std, (n,))
+        if (self.age_low is None) != (self.age_high is None):
+            raise ValueError("Estimates.age_low and age_high must be set together")
+        for name in ("age_std", "age_low", "age_high"):
+            if getattr(self, name) is not None:
+                check_shape(f"Estimates.{name}", getattr(self, name), (n,))
 
     def __len__(self) -> int:
         return len(self.age)
@@ -160,6 +167,9 @@ class Smoothed:
     Attributes:
         age: (n,) years.
         age_uncertainty: (n,) standard error in years (inf until there are two estimates).
+        age_low, age_high: (n,) the track's 80 % age range (NaN without one): its views'
+            calibrated ranges, their distances below and above each view's age averaged
+            with the age's own weights, about the smoothed age.
         p_male: (n,) from the weighted mean log-odds.
         gender: (n,) int8 label state: FEMALE, MALE, UNSURE (too little or too weak
             evidence to say) or NO_GENDER (the estimator predicts none). A MALE label always
@@ -170,11 +180,17 @@ class Smoothed:
     age_uncertainty: np.ndarray
     p_male: np.ndarray
     gender: np.ndarray
+    age_low: np.ndarray | None = None
+    age_high: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_shape("Smoothed.age", self.age, (None,))
         n = len(self.age)
-        for name in ("age_uncertainty", "p_male", "gender"):
+        if self.age_low is None or self.age_high is None:
+            nan = np.full(n, np.nan, np.float32)
+            object.__setattr__(self, "age_low", nan)
+            object.__setattr__(self, "age_high", nan.copy())
+        for name in ("age_uncertainty", "p_male", "gender", "age_low", "age_high"):
             check_shape(f"Smoothed.{name}", getattr(self, name), (n,))
 
 
@@ -236,6 +252,7 @@ class TrackStatus:
         track: the person's id within the stream.
         age: smoothed age in years, or None before the first estimate.
         age_uncertainty: its standard error in years, or None while unknown.
+        age_low, age_high: its 80 % range in years, or None without one.
         gender: "male", "female", "unsure", or None for an estimator without gender.
         confidence: the shown gender's probability (p_male or 1 - p_male), None when unsure.
         seconds_in_view: since the person was first confirmed (a person who left and came
@@ -248,6 +265,8 @@ class TrackStatus:
     gender: str | None
     confidence: float | None
     seconds_in_view: float
+    age_low: float | None = None
+    age_high: float | None = None
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,8 @@ def track_json(track: TrackStatus) -> dict[str, Any]:
         "track": int(track.track),
         "age": json_number(track.age, 1),
         "age_uncertainty": json_number(track.age_uncertainty, 2),
+        "age_low": json_number(track.age_low, 1),
+        "age_high": json_number(track.age_high, 1),
         "gender": track.gender,
         "confidence": json_number(track.confidence, 3),
         "seconds_in_view": json_number(track.seconds_in_view, 1),

@@ -58,7 +58,7 @@ class FakeStream:
     def status(self) -> StreamStatus:
         age = time.monotonic() - self.started
         tracks = (
-            TrackStatus(1, 34.4, 1.6, "female", 0.93, round(age, 1)),
+            TrackStatus(1, 34.4, 1.6, "female", 0.93, round(age, 1), 28.0, 41.5),
             TrackStatus(2, 61.0, None, "unsure", None, round(age / 2, 1)),
             TrackStatus(3, None, None, None, None, 0.4),
         )

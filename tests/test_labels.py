@@ -38,10 +38,10 @@ def test_given_every_clip_then_no_gender_is_shown_for_a_child_or_near_even_odds(
 
 
 def test_given_labels_then_unsure_shows_no_percentage_and_decided_ones_do() -> None:
-    assert face_label(34.2, 0.62, "unsure", 1.6) == "? 34±2"
-    assert face_label(34.2, 0.9, "male", float("inf")) == "M 34 (90%)"
-    assert face_label(6.0, 0.1, "female", 0.4) == "F 6±1 (90%)"
-    assert face_label(40.0, float("nan"), None, 3.0) == "40±3"
+    assert face_label(34.2, 0.62, "unsure", (27.6, 41.4)) == "? 28-41"
+    assert face_label(34.2, 0.9, "male") == "M 34 (90%)", "no range: the age alone"
+    assert face_label(6.0, 0.1, "female", (4.2, 8.9)) == "F 4-9 (90%)"
+    assert face_label(40.0, float("nan"), None, (33.0, 48.0)) == "33-48"
 
 
 FRAME = (640, 360)

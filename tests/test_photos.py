@@ -76,7 +76,8 @@ def test_given_a_folder_when_run_then_one_json_line_per_image_with_video_face_fi
     assert sum(len(r["faces"]) >= 1 for r in records) >= 18
     video_fields = {
         "box", "score", "age", "gender", "p_male", "track", "age_uncertainty", "age_raw",
-        "p_male_raw", "age_std_raw", "quality",
+        "p_male_raw", "age_std_raw", "age_low", "age_high", "age_low_raw", "age_high_raw",
+        "quality",
     }  # fmt: skip
     for record in records:
         height, width = cv2.imread(str(photos / record["image"])).shape[:2]

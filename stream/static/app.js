@@ -138,9 +138,11 @@ function updateStats(card, stream) {
 
 function formatAge(track) {
   if (track.age === null) return "–";
-  const age = Math.round(track.age);
-  if (track.age_uncertainty === null) return `${age}`;
-  return `${age} ± ${Math.round(Math.max(track.age_uncertainty, 1))}`;
+  // The 80 % range people read as "somewhere from 38 to 52", not a lone "± 2".
+  if (track.age_low !== null && track.age_high !== null) {
+    return `${Math.round(track.age_low)}–${Math.round(track.age_high)}`;
+  }
+  return `${Math.round(track.age)}`;
 }
 
 function formatGender(track) {
