@@ -22,6 +22,8 @@ LABELS_FILE = "labels.csv"
 # the final evaluation, 2-4 are for training.
 DEV_SPLIT, RESERVED_SPLIT, TRAIN_SPLITS = 0, 1, (2, 3, 4)
 GENDERS = {"male": True, "m": True, "0": True, "female": False, "f": False, "1": False}
+# UTKFace's race field (its own labels), in its file names.
+UTKFACE_ETHNICITIES = ("White", "Black", "Asian", "Indian", "Others")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,16 @@ class LabelledImage:
     age: int
     is_male: bool
     source: str
+    # UTKFace's ethnicity label when the file name carries one, else "".
+    ethnicity: str = ""
+
+
+def utkface_ethnicity(name: str) -> str:
+    """The ethnicity a UTKFace file name (`AGE_GENDER_RACE_DATE...`) records, else ""."""
+    parts = name.split("_")
+    if len(parts) < 4 or not parts[2].isdigit() or int(parts[2]) >= len(UTKFACE_ETHNICITIES):
+        return ""
+    return UTKFACE_ETHNICITIES[int(parts[2])]
 
 
 def split_of(name: str) -> int:
@@ -44,7 +56,13 @@ def parse_utkface_name(path: Path) -> LabelledImage | None:
     parts = path.name.split("_")
     if len(parts) < 4 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
         return None
-    return LabelledImage(path=path, age=int(parts[0]), is_male=parts[1] == "0", source="utkface")
+    return LabelledImage(
+        path=path,
+        age=int(parts[0]),
+        is_male=parts[1] == "0",
+        source="utkface",
+        ethnicity=utkface_ethnicity(path.name),
+    )
 
 
 def _row_image(directory: Path, row: dict[str, str], line: int) -> LabelledImage:
@@ -60,7 +78,8 @@ def _row_image(directory: Path, row: dict[str, str], line: int) -> LabelledImage
         )
     relative = Path(file)
     source = relative.parts[0] if len(relative.parts) > 1 else directory.name
-    return LabelledImage(directory / relative, int(age_text), GENDERS[gender], source)
+    ethnicity = utkface_ethnicity(relative.name) if source == "utkface" else ""
+    return LabelledImage(directory / relative, int(age_text), GENDERS[gender], source, ethnicity)
 
 
 def _from_labels_file(directory: Path) -> list[LabelledImage]:

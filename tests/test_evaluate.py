@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ FACES = SHARED / "data" / "faces"
 def test_given_utkface_names_then_labels_are_parsed_and_bad_names_rejected() -> None:
     item = parse_utkface_name(Path("34_1_2_20170116174525125.jpg.chip.jpg"))
     assert item is not None and item.age == 34 and not item.is_male
+    assert item.ethnicity == "Asian", "UTKFace's race field: 0 White ... 2 Asian ... 4 Others"
     assert parse_utkface_name(Path("8_0_0_20170110220111082.jpg.chip.jpg")).is_male
     assert parse_utkface_name(Path("61_1_20170109142408075.jpg.chip.jpg")) is None
     assert parse_utkface_name(Path("holiday.jpg")) is None
@@ -65,6 +67,11 @@ def test_given_predictions_then_scores_and_groups_are_computed() -> None:
     assert report["gender_acc_15_plus"] == pytest.approx(2 / 3)
     sources = {row["source"]: row["n"] for row in report["sources"]}
     assert sources == {"aaf": 1, "utkface": 3}
+    assert report["ethnicities"] == [], "no image here carries an ethnicity"
+    labelled = [dataclasses.replace(image, ethnicity="Black") for image in images[:2]]
+    report = scores_report(Truth.of(labelled + images[2:]), age, p_male)
+    assert [(row["ethnicity"], row["n"]) for row in report["ethnicities"]] == [("Black", 2)]
+    assert report["ethnicities"][0]["age_mae"] == pytest.approx((2 + 5) / 2)
 
 
 def test_given_real_utkface_crops_when_evaluated_then_we_match_the_reference_package(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.faceset import LabelledImage, central_face, load_labelled
+from stream.faceset import UTKFACE_ETHNICITIES, LabelledImage, central_face, load_labelled
 from stream.outputs import json_number
 from stream.photos import PhotoLabeller
 from stream.sources import read_image
@@ -44,9 +44,10 @@ class Truth:
     age: np.ndarray
     is_male: np.ndarray
     source: np.ndarray
+    ethnicity: np.ndarray  # UTKFace's label, "" where the image has none
 
     def __getitem__(self, mask: np.ndarray) -> Truth:
-        return Truth(self.age[mask], self.is_male[mask], self.source[mask])
+        return Truth(self.age[mask], self.is_male[mask], self.source[mask], self.ethnicity[mask])
 
     @classmethod
     def of(cls, images: Sequence[LabelledImage]) -> Truth:
@@ -54,6 +55,7 @@ class Truth:
             age=np.array([i.age for i in images], float),
             is_male=np.array([i.is_male for i in images], bool),
             source=np.array([i.source for i in images]),
+            ethnicity=np.array([i.ethnicity for i in images]),
         )
 
 
@@ -145,6 +147,15 @@ def scores_report(truth: Truth, age: np.ndarray, p_male: np.ndarray) -> dict:
         "sources": _rows(
             "source", truth.source, sorted(set(truth.source.tolist())), truth, age, p_male
         ),
+        # UTKFace's own ethnicity labels (its file names), for the faces that carry one.
+        "ethnicities": _rows(
+            "ethnicity",
+            truth.ethnicity,
+            [e for e in UTKFACE_ETHNICITIES if e in truth.ethnicity],
+            truth,
+            age,
+            p_male,
+        ),  # fmt: skip
     }
 
 
@@ -298,12 +309,18 @@ def format_report(report: dict) -> str:
         f" {_figure(report[adult], '.1%'):>9}"
         + (f"  | {'':>8} {_figure(reference[adult], '.1%'):>9}" if reference else "")
     )
-    for key in ("bands", "sources"):
-        lines.append(f"{'by ' + key[:-1]}")
+    for key, name, title in (
+        ("bands", "band", "by band"),
+        ("sources", "source", "by source"),
+        ("ethnicities", "ethnicity", "by UTKFace ethnicity"),
+    ):
+        if not report.get(key):
+            continue
+        lines.append(title)
         for index, row in enumerate(report[key]):
             if row["n"]:
                 other = reference[key][index] if reference else None
-                lines.append(_table_line("  " + row[key[:-1]], row["n"], row, other))
+                lines.append(_table_line("  " + row[name], row["n"], row, other))
     ranges = report.get("age_range")
     if ranges:
         bands = ", ".join(
