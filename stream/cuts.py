@@ -54,7 +54,8 @@ def _sampled(image_bgr: np.ndarray, side: int) -> np.ndarray:
     step = max(1, max(image_bgr.shape[:2]) // side)
     if step == 1:
         return np.ascontiguousarray(image_bgr)
-    size = (image_bgr.shape[1] // step, image_bgr.shape[0] // step)
+    # At least one pixel each way: a sliver of a box at the frame's edge is 2 px thin.
+    size = (max(1, image_bgr.shape[1] // step), max(1, image_bgr.shape[0] // step))
     return cv2.resize(image_bgr, size, interpolation=cv2.INTER_NEAREST)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stream.appearance import Identities
-from stream.cuts import CutDetector, scene_change, scene_signature
+from stream.cuts import CutDetector, face_looks, scene_change, scene_signature
 from stream.tracking import Tracker, identity_distance
 from stream.types import Faces
 from tests.conftest import HAMILTON, VIDEOS, require
@@ -208,3 +208,10 @@ def test_given_camera_motion_and_light_changes_then_no_cut() -> None:
 def test_given_a_bad_cut_threshold_then_value_error() -> None:
     with pytest.raises(ValueError, match="threshold must be in"):
         CutDetector(1.0)
+
+
+def test_given_a_face_box_that_is_a_sliver_at_the_frame_edge_then_it_still_has_a_look() -> None:
+    image = np.full((720, 1280, 3), (40, 90, 200), np.uint8)
+    looks = face_looks(image, np.array([[1278.0, 100.0, 1400.0, 300.0], [0, 0, 30, 2]]))
+    assert looks.shape == (2, 36)
+    assert np.allclose(np.linalg.norm(looks, axis=1), 1.0), "one colour each, whole"
