@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from stream.cuts import HISTOGRAM_BINS, patch_histogram
 from stream.tracking import identity_distance
 
 # Regions around a face box (x1, y1, x2, y2 in box widths/heights from its top left): the
 # head with the hair above the face, the face, and the upper body below it. Clothes and hair
 # tell people apart over seconds to minutes, which is what re-identification here is for.
 REGIONS = ((-0.2, -0.5, 1.2, 0.25), (0.1, 0.1, 0.9, 0.9), (-0.6, 1.3, 1.6, 2.6))
-HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
+# A region is sampled to about this many pixels a side: a colour histogram needs no detail,
+# and a sample costs far less than converting a whole 720p region.
 PATCH_SIDE = 64
 # Every this many frames a confirmed track's look is sampled.
 SAMPLE_EVERY = 5
@@ -24,19 +25,12 @@ SAMPLE_EVERY = 5
 COLOUR_SLACK = 0.03
 
 
-def _small(patch: np.ndarray) -> np.ndarray:
-    """Every k-th pixel of `patch`, at most about PATCH_SIDE a side: a colour histogram needs
-    no detail, and a sample costs far less than resizing or converting a whole 720p region."""
-    step = max(1, max(patch.shape[:2]) // PATCH_SIDE)
-    return np.ascontiguousarray(patch[::step, ::step])
-
-
 def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
-    """(n, d) float32 unit vectors: per region, the square root of its normalized hue-saturation
-    and value histograms, so that the dot product of two is their Bhattacharyya coefficient
-    averaged over the regions (1: the same colours). A region outside the frame is zeros."""
+    """(n, d) float32 unit vectors: per region, its colour histogram (stream.cuts), so that the
+    dot product of two is their Bhattacharyya coefficient averaged over the regions (1: the
+    same colours). A region outside the frame is zeros."""
     height, width = image_bgr.shape[:2]
-    size = HUE_BINS * SATURATION_BINS + VALUE_BINS
+    size = HISTOGRAM_BINS
     features = np.zeros((len(xyxy), len(REGIONS) * size), np.float32)
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(xyxy, np.float64)):
         box_w, box_h = x2 - x1, y2 - y1
@@ -46,12 +40,7 @@ def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
             patch = image_bgr[rows, cols]
             if patch.shape[0] < 2 or patch.shape[1] < 2:
                 continue
-            patch = cv2.cvtColor(_small(patch), cv2.COLOR_BGR2HSV)
-            hs = cv2.calcHist([patch], [0, 1], None, [HUE_BINS, SATURATION_BINS], [0, 180, 0, 256])
-            v = cv2.calcHist([patch], [2], None, [VALUE_BINS], [0, 256])
-            # Brightness says least of the three: it changes with the light.
-            histogram = np.concatenate([0.8 * hs.ravel() / hs.sum(), 0.2 * v.ravel() / v.sum()])
-            features[i, r * size : (r + 1) * size] = np.sqrt(histogram)
+            features[i, r * size : (r + 1) * size] = patch_histogram(patch, PATCH_SIDE)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, 1e-9)
 

@@ -44,6 +44,7 @@ def _histograms(image_bgr: np.ndarray, regions: np.ndarray, count: int) -> np.nd
     hs = cv2.calcHist([regions, hs_bin], [0, 1], None, [count, _HS_COUNT], ranges)
     v = cv2.calcHist([regions, value_bin], [0, 1], None, [count, VALUE_BINS], ranges[:3] + [4])
     counts = np.maximum(hs.sum(axis=1, keepdims=True), 1)
+    # Brightness says least of the three: it changes with the light.
     histogram = np.concatenate([0.8 * hs / counts, 0.2 * v / counts], axis=1)
     return np.sqrt(histogram).astype(np.float32)
 
@@ -73,17 +74,26 @@ def scene_signature(image_bgr: np.ndarray) -> np.ndarray:
     return _histograms(small, _grid(*small.shape[:2]), GRID * GRID)
 
 
+HISTOGRAM_BINS = HUE_BINS * SATURATION_BINS + VALUE_BINS
+
+
+def patch_histogram(patch_bgr: np.ndarray, side: int) -> np.ndarray:
+    """(HISTOGRAM_BINS,) float32: the colour histogram (see `_histograms`) of one image patch,
+    sampled to about `side` pixels a side."""
+    small = _sampled(patch_bgr, side)
+    return _histograms(small, np.zeros(small.shape[:2], np.uint8), 1)[0]
+
+
 def face_looks(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
     """(n, bins) float32: the colour histogram of each face box (zeros for a box outside the
     frame). From one frame to the next a face's changes by at most 0.024 (one minus the
     coefficient) on the shared clips; another face put in its place changes it by ~0.1."""
     height, width = image_bgr.shape[:2]
-    looks = np.zeros((len(xyxy), (HUE_BINS * SATURATION_BINS + VALUE_BINS)), np.float32)
+    looks = np.zeros((len(xyxy), HISTOGRAM_BINS), np.float32)
     for i, (x1, y1, x2, y2) in enumerate(np.round(np.asarray(xyxy, np.float64)).astype(int)):
         patch = image_bgr[max(y1, 0) : min(y2, height), max(x1, 0) : min(x2, width)]
         if patch.shape[0] >= 2 and patch.shape[1] >= 2:
-            small = _sampled(patch, FACE_SAMPLE_SIDE)
-            looks[i] = _histograms(small, np.zeros(small.shape[:2], np.uint8), 1)[0]
+            looks[i] = patch_histogram(patch, FACE_SAMPLE_SIDE)
     return looks
 
 
