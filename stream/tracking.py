@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream.face_id import face_distance
 from stream.types import Faces
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,10 @@ LOOK_CHANGE = 0.05
 
 
 def identity_distance(signature: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
-    """Euclidean distance between a face signature and (k, d) unit descriptors (0: the same
-    face; dlib's face descriptors call two faces one person below 0.6)."""
+    """(k,) `face_distance` between a face signature (a sum of unit descriptors, normalized
+    here) and (k, d) unit descriptors: 0 the same face, about 0.4 dlib's one-person limit."""
     unit = signature / max(float(np.linalg.norm(signature)), 1e-9)
-    return np.linalg.norm(descriptors - unit, axis=-1)
+    return face_distance(unit[None], descriptors)[0]
 
 
 @dataclass(eq=False)
@@ -297,7 +298,7 @@ class Tracker:
         if track.doubt is None:
             gap = track.reacquired or not track.confirmed
             track.doubt_limit = self.identity_threshold + (0.0 if gap else CONTINUOUS_MARGIN)
-        distance = float(identity_distance(signature, descriptor)[()])
+        distance = float(identity_distance(signature, descriptor[None])[0])
         log.debug(
             "track %d: face %.3f from its signature (limit %.2f)",
             track.track_id, distance, track.doubt_limit,
