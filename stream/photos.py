@@ -213,19 +213,20 @@ class PhotoLabeller:
     def label(self, image: np.ndarray, name: str) -> FrameResult:
         """The labelled faces of one BGR image, in its own pixels."""
         frame = Frame(image=image, index=0, timestamp=0.0, source_id=name)
-        detector = self.detectors.for_width(image.shape[1])
-        if fills_frame(detector.detect(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), image.shape):
+        processor = self._processor(image.shape[1])
+        detected = processor.detect(frame)
+        if detected.faces is not None and fills_frame(detected.faces, image.shape):
             canvas, offset = pad_to_canvas(image)
-            padded = self._label(Frame(canvas, 0, 0.0, name))
+            padded, _ = self._processor(canvas.shape[1]).process(Frame(canvas, 0, 0.0, name), 0.0)
             if len(padded.faces):
                 return _moved(padded, offset, frame)
-        return self._label(frame)
+        # The image's own detection, done once: whether its face fills it, and its labels.
+        return processor.process_detected(detected, 0.0)[0]
 
-    def _label(self, frame: Frame) -> FrameResult:
-        detector = self.detectors.for_width(frame.image.shape[1])
-        analyzer = FaceAnalyzer(detector, self.estimator, self.checker)
-        result, _ = FrameProcessor(analyzer, self.tracking, STILL_FPS).process(frame, 0.0)
-        return result
+    def _processor(self, width: int) -> FrameProcessor:
+        """A fresh one-frame processor on the detector for an image `width` wide."""
+        analyzer = FaceAnalyzer(self.detectors.for_width(width), self.estimator, self.checker)
+        return FrameProcessor(analyzer, self.tracking, STILL_FPS)
 
 
 def image_record(name: str, result: FrameResult) -> dict:
