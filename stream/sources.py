@@ -1,11 +1,12 @@
-"""Video sources (webcams, network streams, files) and the thread that reads them.
+"""Video sources (webcams, network streams, files), the thread that reads them, and still images.
 
 `VideoSource` opens a capture and fails fast with `SourceError`; `CaptureThread`
 reads it into a `FrameBuffer` (lossless for files, newest-wins for live sources)
 and always ends the stream with `END_OF_STREAM`. A URL source that stops
 delivering frames after a successful open reconnects inside `VideoSource.read`
 with capped exponential backoff, reporting `SourceEvent`s; it inserts no
-placeholder frames, and files and webcams never reconnect.
+placeholder frames, and files and webcams never reconnect. `read_image` checks a still
+image's size in its header before decoding it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ FALLBACK_FPS = 30.0
 
 # Frames larger than this per side (beyond 8K, no camera's) are downscaled to it.
 MAX_FRAME_SIDE = 8192
+# Still images with more pixels than this are skipped unread: 16384 x 16384, four times
+# MAX_FRAME_SIDE's area and beyond the largest camera sensors (200 MP). Decoding one costs
+# 0.8 GB for its pixels alone; a few hundred bytes of PNG can declare 10 gigapixels.
+MAX_IMAGE_PIXELS = 16384 * 16384
 
 # A file whose frame count is unknown ends after this many reads in a row fail; with a known
 # count, the frames it still lists may all be tried.
@@ -84,14 +89,65 @@ def shrink(image: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image file's header, without decoding a pixel; None when it is
+    not a header Pillow knows (OpenCV then has the last word)."""
+    from PIL import (
+        BmpImagePlugin,
+        JpegImagePlugin,
+        PngImagePlugin,
+        TiffImagePlugin,
+        WebPImagePlugin,
+    )
+
+    # The format classes themselves, not Image.open: that refuses sizes beyond Pillow's own
+    # decompression-bomb limit (179 megapixels) before it tells them.
+    readers = (
+        JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile,
+        WebPImagePlugin.WebPImageFile, BmpImagePlugin.BmpImageFile,
+        TiffImagePlugin.TiffImageFile,
+    )  # fmt: skip
+    with path.open("rb") as file:
+        for reader in readers:
+            file.seek(0)
+            try:
+                return reader(file).size
+            except Exception:  # another format, or a header Pillow cannot parse: try the next
+                continue
+    return None
+
+
+def _decode(path: Path, name: str) -> np.ndarray | None:
+    """The BGR pixels of an image whose size is within MAX_IMAGE_PIXELS (or unknown)."""
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error as error:
+        reason = str(error).strip().splitlines()[-1]
+        log.warning("skipping %s: OpenCV cannot decode it (%s)", name, reason)
+        return None
+    if image is None:
+        log.warning("skipping %s: not a readable image", name)
+    return image
+
+
 def read_image(path: Path, name: str) -> np.ndarray | None:
     """The BGR image at `path` (called `name` in warnings), downscaled with a warning beyond
     MAX_FRAME_SIDE as a video's frames are (labelling it whole would exhaust memory); None,
-    with a warning, when it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    with a "skipping NAME: why" warning, when it is missing, larger than MAX_IMAGE_PIXELS
+    (told by its header, before any pixel is decoded) or cannot be decoded."""
+    try:
+        size = image_size(path)
+    except OSError as error:
+        log.warning("skipping %s: cannot read it (%s)", name, error.strerror or error)
+        return None
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        log.warning(
+            "skipping %s: %dx%d pixels, more than the %d-megapixel limit for images",
+            name, size[0], size[1], MAX_IMAGE_PIXELS // 1_000_000,
+        )  # fmt: skip
+        return None
+    image = _decode(path, name)
     if image is None:
-        reason = "no such file" if not path.exists() else "not a readable image"
-        log.warning("skipping %s: %s (or too large for OpenCV)", name, reason)
         return None
     height, width = image.shape[:2]
     if max(height, width) > MAX_FRAME_SIDE:

@@ -17,14 +17,17 @@ An aiohttp application over a stream hub (stream.hub.StreamHub, or anything with
     GET    /metrics             Prometheus text format
 
 With a token every route but /static/ needs it, as `Authorization: Bearer TOKEN` or `?token=TOKEN`
-(an <img> cannot send headers). Errors are JSON `{"error": "..."}` with a 4xx (5xx) status.
+(an <img> cannot send headers). Every request must name this server as its Host, and one that
+changes something must come from no other site and carry JSON (stream.web_guard). Errors are
+JSON `{"error": "..."}` with a 4xx (5xx) status. Slow clients are bounded: headers within
+HEADER_TIMEOUT_S, a body within BODY_TIMEOUT_S, at most MAX_CONNECTIONS open connections
+(stream.connections).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -41,8 +44,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from stream.config import ConfigError
+from stream.connections import ConnectionCap, RateLimiter
 from stream.outputs import json_number, strict_json
 from stream.types import StreamIdInUse, StreamStatus, TrackStatus
+from stream.web_guard import HostPolicy, is_loopback, refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,16 @@ BOUNDARY = "agestream-frame"
 MAX_HISTORY_MINUTES = 24 * 60
 POLL_S = 0.02  # how often a viewer looks for a newer frame while there is none
 WRITE_TIMEOUT_S = 5.0  # a viewer that takes longer to accept one frame is dropped
+# A client gets this long to send its request line and headers (and to send the next
+# request on a kept-alive connection) ...
+HEADER_TIMEOUT_S = 10.0
+# ... and this long for a body, which must fit in MAX_BODY_BYTES (a stream's is ~100 bytes).
+BODY_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 64 * 1024
+# Well under the usual 1024 file descriptors, with room for the streams' files.
+MAX_CONNECTIONS = 256
+MAX_SOURCE_CHARS = 2048
+MAX_INT_DIGITS = 18
 SECURITY_HEADERS = {
     # Nothing external may load; the token in a URL never leaks through a Referer.
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; "
@@ -86,20 +101,14 @@ HUB = web.AppKey("hub", Hub)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CLOSING = web.AppKey("closing", asyncio.Event)
-TIMINGS = web.AppKey("timings", tuple)  # (poll_s, write_timeout_s)
+TIMINGS = web.AppKey("timings", tuple)  # (poll_s, write_timeout_s, body_timeout_s)
+HOSTS = web.AppKey("hosts", HostPolicy)
+BUSY = web.AppKey("busy", set)  # aiohttp's handlers of the connections with a request in progress
 
 
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse, with ConfigError, to serve on anything but a loopback address without a token."""
-    if token:
-        return
-    if host.lower() == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not token and not is_loopback(host):
         raise ConfigError(
             f"refusing to serve on {host or 'every address'} without a token: pass --token or "
             "set AGESTREAM_TOKEN"
@@ -110,17 +119,24 @@ def create_app(
     hub: Hub,
     token: str | None,
     *,
+    host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
     poll_s: float = POLL_S,
     write_timeout_s: float = WRITE_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
-    """The live page, API, MJPEG and metrics over `hub`; every route but /static/ needs `token`
-    when it is given (None: no token)."""
+    """The live page, API, MJPEG and metrics over `hub`, served on `host`; every route but
+    /static/ needs `token` when it is given (None: no token). Requests must name `host`, a
+    loopback name or one of `allowed_hosts` as their Host (any, on a non-loopback `host`
+    with a token and none listed)."""
     if token is not None and not token:
         raise ValueError("token must be None (no token) or a non-empty string")
-    middlewares = [_json_errors] + ([_token_check(token)] if token else [])
-    app = web.Application(middlewares=middlewares)
+    middlewares = [_json_errors, _track_busy, _guard] + ([_token_check(token)] if token else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[HUB] = hub
-    app[TIMINGS] = (poll_s, write_timeout_s)
+    app[TIMINGS] = (poll_s, write_timeout_s, body_timeout_s)
+    app[HOSTS] = HostPolicy.for_server(host, token, allowed_hosts)
+    app[BUSY] = set()
     app[REGISTRY] = CollectorRegistry(auto_describe=False)
     app[REGISTRY].register(HubCollector(hub))
     app.on_startup.append(_start)
@@ -179,13 +195,44 @@ async def _json_errors(
         if error.status < 400:
             raise
         headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
-        message = {404: f"not found: {request.path}", 405: f"{request.method} not allowed"}
+        message = {
+            404: f"not found: {request.path}",
+            405: f"{request.method} not allowed",
+            413: f"the body is larger than {MAX_BODY_BYTES // 1024} KiB",
+        }
         return _error_response(
             error.status, message.get(error.status, error.reason.lower()), headers
         )
     except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+        log.exception("%s %s failed", request.method[:10], request.path[:200])
         return _error_response(500, "internal error (see the server's log)")
+
+
+@web.middleware
+async def _track_busy(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Marks the connection busy while its request runs: the connection cap closes only
+    idle ones to make room (stream.connections.ConnectionCap)."""
+    busy, protocol = request.app[BUSY], request.protocol
+    busy.add(protocol)
+    try:
+        return await handler(request)
+    finally:
+        busy.discard(protocol)
+
+
+@web.middleware
+async def _guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuses foreign Host names, cross-site changes and non-JSON bodies (web_guard)."""
+    socket_name = request.transport.get_extra_info("sockname") if request.transport else None
+    port = socket_name[1] if isinstance(socket_name, tuple) else -1
+    refused = refusal(request.method, request.headers, port, request.app[HOSTS])
+    if refused is not None:
+        return _error_response(*refused)
+    return await handler(request)
 
 
 def _token_check(token: str) -> Callable:
@@ -267,13 +314,32 @@ async def _get_stream(request: web.Request) -> web.Response:
     return web.json_response(stream_json(status, with_tracks=True))
 
 
+def _small_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ApiError(400, f"numbers in the body must have at most {MAX_INT_DIGITS} digits")
+    return int(digits)
+
+
+async def _read_json(request: web.Request, usage: str) -> object:
+    """The request's JSON body, or ApiError: 408 when it is too slow to arrive, 400 when it
+    is not JSON, nests too deeply or holds a huge number (413: too large, from aiohttp)."""
+    body_timeout_s = request.app[TIMINGS][2]
+    try:
+        raw = await asyncio.wait_for(request.read(), body_timeout_s)
+    except TimeoutError:
+        raise ApiError(408, f"the body did not arrive within {body_timeout_s:g} s") from None
+    try:
+        return json.loads(raw, parse_int=_small_int)
+    except RecursionError:
+        raise ApiError(400, f"the body nests too deeply: {usage}") from None
+    except ValueError:  # not UTF-8, or not JSON
+        raise ApiError(400, f"the body is not JSON: {usage}") from None
+
+
 async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
     """The source and optional id of a POST /api/streams body, or ApiError 400."""
     usage = 'send a JSON object {"source": "rtsp://... | video file | webcam index", "id": "name"}'
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError(400, f"the body is not JSON: {usage}") from None
+    body = await _read_json(request, usage)
     if not isinstance(body, dict):
         raise ApiError(400, f"the body is not a JSON object: {usage}")
     unknown = sorted(set(body) - {"source", "id"})
@@ -284,6 +350,8 @@ async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
         source = str(source)  # a webcam index
     if not isinstance(source, str) or not source.strip():
         raise ApiError(400, f'"source" is missing or empty: {usage}')
+    if len(source) > MAX_SOURCE_CHARS:
+        raise ApiError(400, f'"source" is longer than {MAX_SOURCE_CHARS} characters')
     if stream_id is not None and not isinstance(stream_id, str):
         raise ApiError(400, f'"id" must be a string, got {json.dumps(stream_id)}')
     return source.strip(), stream_id
@@ -324,7 +392,8 @@ async def _history(request: web.Request) -> web.Response:
         minutes = math.nan
     if not 0 < minutes <= MAX_HISTORY_MINUTES:
         raise ApiError(
-            400, f"minutes must be a number over 0 and at most {MAX_HISTORY_MINUTES}, got {text!r}"
+            400,
+            f"minutes must be a number over 0 and at most {MAX_HISTORY_MINUTES}, got {text[:50]!r}",
         )
     loop = asyncio.get_running_loop()
     bins = await loop.run_in_executor(request.app[EXECUTOR], request.app[HUB].history, minutes)
@@ -366,7 +435,7 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
     finished (its last frame sent), or the server shuts down."""
     stream_id = request.match_info["id"]
     _status(request.app[HUB], stream_id)  # 404 before the multipart response starts
-    poll_s, write_timeout_s = request.app[TIMINGS]
+    poll_s, write_timeout_s, _ = request.app[TIMINGS]
     closing = request.app[CLOSING]
     response = web.StreamResponse(
         headers={"Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}"}
@@ -471,25 +540,39 @@ def _url_host(host: str) -> str:
 
 async def _serve(
     app: web.Application,
-    host: str,
-    port: int,
+    address: tuple[str, int],
     stop: threading.Event,
     on_ready: Callable[[int], None] | None,
+    limits: tuple[int, float],
 ) -> None:
-    # No access log: a ?token= in a URL must not land in logs.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    max_connections, header_timeout_s = limits
+    # No access log: a ?token= in a URL must not land in logs. aiohttp's keep-alive timer also
+    # closes a connection whose first request's headers are not in within its timeout.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=header_timeout_s
+    )
     await runner.setup()
+    assert runner.server is not None  # set up
+    limiter = RateLimiter()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(limiter.loop_errors)
+    aiohttp_log = logging.getLogger("aiohttp.server")  # a traceback per malformed request
+    aiohttp_log.addFilter(limiter.filter)
+    listener = None
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0][1]
-        log.info("serving the live page on http://%s:%d/", _url_host(host), bound)
+        cap = ConnectionCap(runner.server, max_connections, app[BUSY], limiter)
+        listener = await loop.create_server(cap, *address)
+        bound = listener.sockets[0].getsockname()[1]
+        log.info("serving the live page on http://%s:%d/", _url_host(address[0]), bound)
         if on_ready is not None:
             on_ready(bound)
         while not stop.is_set():
             await asyncio.sleep(0.1)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
+        aiohttp_log.removeFilter(limiter.filter)
 
 
 def serve_forever(
@@ -499,11 +582,18 @@ def serve_forever(
     token: str | None,
     stop: threading.Event,
     on_ready: Callable[[int], None] | None = None,
+    *,
+    allowed_hosts: tuple[str, ...] = (),
+    max_connections: int = MAX_CONNECTIONS,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
     **app_options: float,
 ) -> None:
-    """Serve `create_app(hub, token, **app_options)` on host:port until `stop` is set (port 0:
-    any free port; `on_ready` gets the bound port once it listens). ConfigError
-    (check_exposure) for a non-loopback host without a token; OSError when the address cannot
-    be bound."""
+    """Serve `create_app(hub, token, host=host, allowed_hosts=..., **app_options)` on
+    host:port until `stop` is set (port 0: any free port; `on_ready` gets the bound port once
+    it listens), with at most `max_connections` open and `header_timeout_s` for a request's
+    headers. ConfigError (check_exposure) for a non-loopback host without a token; OSError
+    when the address cannot be bound."""
     check_exposure(host, token)
-    asyncio.run(_serve(create_app(hub, token, **app_options), host, port, stop, on_ready))
+    app = create_app(hub, token, host=host, allowed_hosts=allowed_hosts, **app_options)
+    limits = (max_connections, header_timeout_s)
+    asyncio.run(_serve(app, (host, port), stop, on_ready, limits))

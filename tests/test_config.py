@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import stream
-from stream.cli import main
+from stream.cli import _config_from, build_parser, main
 from stream.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,3 +198,17 @@ def test_given_a_keep_margin_beyond_the_gender_margin_then_one_line_naming_both(
     assert str(error.value) == (
         f"{config}: tracking: gender_keep_margin (0.3) must not exceed gender_margin (0.2)"
     )
+
+
+def test_given_serve_allowed_hosts_when_loaded_then_each_must_be_a_host(tmp_path: Path) -> None:
+    text = 'serve:\n  allowed_hosts: [camera-box.local, "192.168.1.20:8080", "[::1]"]\n'
+    serve = load_config(write(tmp_path, text)).serve
+    assert serve.allowed_hosts == ("camera-box.local", "192.168.1.20:8080", "[::1]")
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "serve:\n  allowed_hosts: [http://box.local]\n"))
+    assert str(error.value).endswith(
+        "but got 'http://box.local'; write a host name or address with an optional :port, "
+        "e.g. box.local:8080"
+    )
+    flags = build_parser().parse_args(["serve", "--allowed-host", "a.lan", "--allowed-host", "b"])
+    assert _config_from(flags).serve.allowed_hosts == ("a.lan", "b")

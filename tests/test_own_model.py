@@ -12,8 +12,9 @@ import pytest
 from estimators import create_estimator
 from estimators.onnx_genderage import OWN_MODEL, age_range
 from stream.cli import main
-from stream.config import Config, EstimatorConfig
+from stream.config import Config, ConfigError, EstimatorConfig
 from stream.models import MODELS, ensure_model, sha256_of
+from stream.photos import still_image_estimator
 from tests.conftest import UTKFACE, require
 
 
@@ -77,3 +78,35 @@ def test_given_an_age_distribution_then_its_range_holds_its_mean_and_widens_with
     assert (high - low)[1] > 3 * (high - low)[0]
     # A normal's 10th-90th percentiles are 1.28 standard deviations out; scaled 0.90 at 20-59.
     assert high[1] - low[1] == pytest.approx(2 * 1.2816 * 8.0 * 0.90, rel=0.05)
+
+
+def test_given_flip_then_a_face_and_its_mirror_image_get_the_average_of_both_views() -> None:
+    single = create_estimator(EstimatorConfig())
+    flipping = create_estimator(EstimatorConfig(options={"genderage": {"flip": True}}))
+    (spec,) = single.crops
+    faces = real_faces(spec.size, 6)
+    mirrored = faces[:, :, ::-1]
+    views = [single.estimate({spec: faces}), single.estimate({spec: mirrored})]
+    both = flipping.estimate({spec: faces})
+    assert np.allclose(both.age, (views[0].age + views[1].age) / 2, atol=1e-3)
+    assert np.allclose(flipping.estimate({spec: mirrored}).age, both.age, atol=1e-3)
+    assert both.age_low is not None and np.all(both.age_low <= both.age)
+    # The mirror image is a different view: the model does not give it the same age.
+    assert np.abs(views[0].age - views[1].age).max() > 0.1
+    with pytest.raises(ConfigError, match="flip must be true or false"):
+        create_estimator(EstimatorConfig(options={"genderage": {"flip": "yes"}}))
+
+
+def test_still_images_use_both_views_unless_the_config_says_otherwise() -> None:
+    assert still_image_estimator(EstimatorConfig(), None).flip
+    told = EstimatorConfig(options={"genderage": {"flip": False}})
+    assert not still_image_estimator(told, None).flip
+    assert not create_estimator(EstimatorConfig()).flip  # video: one view
+
+
+def real_faces(size: int, count: int) -> np.ndarray:
+    """(count, size, size, 3) RGB UTKFace dev faces, resized: real faces for the model."""
+    import cv2
+
+    paths = sorted(require(UTKFACE).glob("*.jpg"))[:count]
+    return np.stack([cv2.resize(cv2.imread(str(p))[:, :, ::-1], (size, size)) for p in paths])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -16,8 +18,10 @@ from stream.config import OutputConfig
 from stream.outputs import OutputError
 from stream.overlay import HudStats, annotate
 from stream.photos import PhotoOutputs, list_images, plan_outputs
+from stream.sources import read_image
 from stream.types import Estimates, Faces, Frame, FrameResult
 from tests.conftest import SHARED, require
+from tests.images import png_declaring
 
 REPO = Path(__file__).resolve().parents[1]
 FACES_DEV = SHARED / "data" / "faces" / "dev"
@@ -86,7 +90,8 @@ def test_given_a_folder_when_run_then_one_json_line_per_image_with_video_face_fi
             assert set(face) == video_fields
             assert 0 <= face["age"] <= 100 and face["gender"] in ("female", "male", "unsure")
     assert (
-        f"{N_IMAGES} images, {sum(len(r['faces']) for r in records)} faces, 1 unreadable skipped; "
+        f"{N_IMAGES} images, {sum(len(r['faces']) for r in records)} faces, 1 skipped (unreadable "
+        "or too large); "
         f"wrote {out} ({N_IMAGES} images) and {out / 'faces.jsonl'} ({N_IMAGES} lines)"
     ) in completed.stderr
 
@@ -125,8 +130,9 @@ def test_given_outputs_of_an_earlier_run_when_run_again_then_nothing_is_overwrit
     assert completed.returncode == 1
     first = sorted(p.name for p in photos.glob("*.jpg") if p.name != "corrupt.jpg")[0]
     assert completed.stderr.strip().splitlines()[-1] == (
-        f"agestream: error: {out / first} already exists; agestream does not overwrite it: "
-        "choose another --output folder or move it away"
+        f"agestream: error: {out / first} already exists (as do {N_IMAGES} more outputs); "
+        "agestream does not overwrite it: add --resume to continue the run that wrote it (images "
+        "with outputs are skipped), or choose another --output folder or --json file"
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -211,3 +217,135 @@ def test_given_the_same_dev_faces_then_evaluate_scores_exactly_what_run_shows(
     assert set(shown) == {name for name, row in scored.items() if row["age"] is not None}
     for name, face in shown.items():
         assert (face["age"], face["p_male"]) == (scored[name]["age"], scored[name]["p_male"]), name
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """7 images: 4 real faces (a1-a3, d4) and, sorted among them, a 68-byte PNG declaring
+    100000 x 100000 pixels, one declaring 30000 x 30000, and a 10 x 10 PNG of garbage."""
+    faces = sorted(require(FACES_DEV).glob("aaf/*.jpg"))[:4]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for face, name in zip(faces, ("a1.jpg", "a2.jpg", "a3.jpg", "d4.jpg")):
+        shutil.copy(face, folder / name)
+    (folder / "b-bomb.png").write_bytes(png_declaring(100_000, 100_000))
+    (folder / "b-huge.png").write_bytes(png_declaring(30_000, 30_000))
+    (folder / "c-broken.png").write_bytes(png_declaring(10, 10, b"not zlib data"))
+    return folder
+
+
+LABELLED = ["a1.jpg", "a2.jpg", "a3.jpg", "d4.jpg"]
+SKIPPED = [
+    "WARNING skipping b-bomb.png: 100000x100000 pixels, more than the 268-megapixel limit for "
+    "images",
+    "WARNING skipping b-huge.png: 30000x30000 pixels, more than the 268-megapixel limit for images",
+    "WARNING skipping c-broken.png: not a readable image",
+]
+
+
+def test_given_huge_and_broken_images_in_a_folder_then_they_are_skipped_and_the_rest_labelled(
+    mixed: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    completed = agestream("run", mixed, "--output", out)
+    assert completed.returncode == 0, completed.stderr
+    for warning in SKIPPED:
+        assert warning in completed.stderr
+    assert sorted(p.name for p in out.iterdir()) == [*LABELLED, "faces.jsonl"]
+    records = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == LABELLED
+    faces = sum(len(r["faces"]) for r in records)
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"4 images, {faces} faces, 3 skipped (unreadable or too large); wrote {out} (4 images) "
+        f"and {out / 'faces.jsonl'} (4 lines)"
+    )
+
+
+def test_given_an_image_declaring_10_gigapixels_then_it_is_skipped_before_decoding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(100_000, 100_000))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert read_image(bomb, "bomb.png") is None
+    assert time.monotonic() - started < 1.0
+    assert caplog.messages == [
+        "skipping bomb.png: 100000x100000 pixels, more than the 268-megapixel limit for images"
+    ]
+
+
+def test_given_opencv_failing_on_an_image_then_it_is_a_logged_skip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever OpenCV raises for one image (its own size limit, a codec assertion) skips it."""
+    image = tmp_path / "a.png"
+    assert cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+
+    def failing(*args: object) -> None:
+        raise cv2.error("OpenCV(5.1.0) loadsave.cpp:80: error: (-215:Assertion failed) oops")
+
+    monkeypatch.setattr(cv2, "imread", failing)
+    with caplog.at_level(logging.WARNING):
+        assert read_image(image, "a.png") is None
+    assert caplog.messages == [
+        "skipping a.png: OpenCV cannot decode it (OpenCV(5.1.0) loadsave.cpp:80: error: "
+        "(-215:Assertion failed) oops)"
+    ]
+
+
+def test_given_a_run_that_stopped_then_a_rerun_names_the_outputs_and_resume_finishes_it(
+    mixed: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert agestream("run", mixed, "--output", out, "--max-frames", "2").returncode == 0
+    before = {name: (out / name).stat().st_mtime_ns for name in ("a1.jpg", "a2.jpg")}
+    refused = agestream("run", mixed, "--output", out, timeout=60)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"agestream: error: {out / 'a1.jpg'} already exists (as do 2 more outputs); agestream "
+            "does not overwrite it: add --resume"
+        )
+    )
+    resumed = agestream("run", mixed, "--output", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert ", 3 skipped (unreadable or too large), 2 done by an earlier run; wrote" in (
+        resumed.stderr
+    )
+    records = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in records) == LABELLED
+    assert sorted(p.name for p in out.iterdir()) == [*LABELLED, "faces.jsonl"]
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before
+
+
+def test_given_json_onto_another_photo_then_refused_and_the_photo_kept(
+    photos: Path, tmp_path: Path
+) -> None:
+    first, second = sorted(photos.glob("*.jpg"))[:2]
+    a1, a2 = shutil.copy(first, tmp_path / "a1.jpg"), shutil.copy(second, tmp_path / "a2.jpg")
+    kept = a2.read_bytes()
+    completed = agestream("run", a1, "--output", tmp_path / "out", "--json", a2, timeout=60)
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines() == [
+        f"agestream: error: {a2} already exists; agestream does not overwrite it: add --resume "
+        "to continue the run that wrote it (images with outputs are skipped), or choose another "
+        "--output folder or --json file"
+    ]
+    resumed = agestream("run", a1, "--output", tmp_path / "out", "--json", a2, "--resume")
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"agestream: error: {a2}:1: not a JSON line of agestream run on images, so there is "
+        "nothing to resume; choose another --json file"
+    )
+    assert a2.read_bytes() == kept and not (tmp_path / "out").exists()
+
+
+def test_given_json_onto_an_annotated_copy_then_refused(tmp_path: Path) -> None:
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"annotated copy of a\.jpg .* is the same file as"):
+        plan_outputs(OutputConfig(video=str(out), json=str(out / "a.jpg")), [image], image)

@@ -236,3 +236,92 @@ def test_given_markup_in_the_source_name_then_the_page_escapes_it(tmp_path: Path
     run = RunInfo(tmp_path / "r.jsonl", '<script>alert("x")</script>.mp4', 1, 0.0, 1.0)
     page = index_html(run, [], {})
     assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def face_line(frame: int, t_ms: str, face: str) -> str:
+    """A frame record of one face (fields spelled as JSON text, so NaN can be written)."""
+    return f'{{"frame": {frame}, "t_ms": {t_ms}, "faces": [{face}]}}\n'
+
+
+GOOD_FACE = '{"box": [10, 10, 50, 50], "score": 0.9, "track": 1, "age": 30.0, "gender": "male"}'
+
+
+@pytest.mark.parametrize(
+    ("face", "t_ms", "message"),
+    [
+        ('{"box": [10, 10, 50, 50], "track": 1, "age": NaN}', "33",
+         '"age" must be a number or null, got nan'),
+        ('{"box": [10, 10, 50, 50], "track": 1e400}', "33",
+         '"track" must be a whole number from 0 to 9223372036854775807 or null, got inf'),
+        ('{"box": [10, 10, 50, 50], "track": 1' + "0" * 300 + "}", "33",
+         '"track" must be a whole number from 0 to 9223372036854775807 or null, got 1000'),
+        ('{"box": [10, 10, 50, 50], "track": "x"}', "33", '"track" must be a whole number'),
+        ('{"box": [10, 10, 50, 50], "track": 1, "gender": 5}', "33",
+         '"gender" must be text or null, got 5'),
+        ('{"box": [10, 10, 50], "track": 1}', "33", 'a face needs a "box" of 4 numbers'),
+        ('{"box": [10, 10, 50, 50], "track": 1, "quality": "high"}', "33",
+         "\"quality\" must be a number or null, got 'high'"),
+        ('{"box": [10, 10, 50, 50], "track": 1, "p_male": 7}', "33",
+         '"p_male" must be from 0 to 1, got 7'),
+        (GOOD_FACE, "NaN", 'a frame record needs a finite number "t_ms"'),
+        (GOOD_FACE, "1e300", '"t_ms" is beyond 1e+13'),
+    ],
+    ids=["nan-age", "inf-track", "huge-track", "text-track", "int-gender", "short-box",
+         "text-quality", "p_male-7", "nan-time", "huge-time"],
+)  # fmt: skip
+def test_given_a_bad_record_then_one_error_names_file_and_line_and_nothing_is_written(
+    tmp_path: Path, face: str, t_ms: str, message: str
+) -> None:
+    from stream.reports.flicker import RecordsError
+    from stream.reports.people import write_people_report
+
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(face_line(0, "0", GOOD_FACE) + face_line(1, t_ms, face))
+    with pytest.raises(RecordsError) as raised:
+        write_people_report(jsonl, tmp_path / "out")
+    assert str(raised.value).startswith(f"{jsonl}:2: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_given_a_bad_record_when_reported_then_one_error_line_with_file_and_line(
+    tmp_path: Path,
+) -> None:
+    jsonl = tmp_path / "bad.jsonl"
+    nan_age = '{"box": [10, 10, 50, 50], "track": 1, "age": NaN}'
+    jsonl.write_text(face_line(0, "0", GOOD_FACE) + face_line(1, "33", nan_age))
+    done = agestream("report", jsonl, "--output", tmp_path / "out")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f'agestream: error: {jsonl}:2: "age" must be a number or null, got nan'
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_given_times_that_go_back_then_the_run_spans_them_all(tmp_path: Path) -> None:
+    from stream.reports.people import write_people_report
+
+    jsonl = tmp_path / "joined.jsonl"
+    jsonl.write_text(face_line(0, "5000", GOOD_FACE) + face_line(1, "-100000", GOOD_FACE))
+    report = write_people_report(jsonl, tmp_path / "out")
+    # 105 s between them, plus one frame period (1/30 s: the times give none).
+    assert (report.run.start_s, report.run.duration_s) == (-100.0, pytest.approx(105 + 1 / 30))
+    (row,) = read_csv(tmp_path / "out" / "people.csv")
+    assert (float(row["first_s"]), float(row["last_s"])) == (-100.0, 5.0)
+
+
+def test_given_a_failure_while_writing_then_no_folder_is_left_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stream.reports.people as people
+    from stream.outputs import OutputError
+
+    jsonl = tmp_path / "run.jsonl"
+    jsonl.write_text(face_line(0, "0", GOOD_FACE) + face_line(1, "33", GOOD_FACE))
+
+    def failing_page(*args: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(people, "index_html", failing_page)
+    with pytest.raises(OutputError, match=r"cannot write report folder .*out: No space .*ENOSPC"):
+        people.write_people_report(jsonl, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl"]

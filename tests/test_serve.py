@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stream.web import HEADER_TIMEOUT_S
 from tests.conftest import (
     HAMILTON,
     VIDEOS,
@@ -29,6 +31,12 @@ from tests.conftest import (
 
 S32 = VIDEOS / "livePortrait__source__s32.mp4"
 START_S = 60.0
+
+
+def recording(folder: Path, stream_id: str) -> Path:
+    """The one recording of `stream_id` in `folder`: `ID-<UTC start>`, without a suffix."""
+    (jsonl,) = [p for p in folder.glob(f"{stream_id}-*.jsonl") if not p.stem.endswith(".partial")]
+    return jsonl.with_suffix("")
 
 
 @dataclass
@@ -104,7 +112,14 @@ def test_given_two_clips_then_the_api_lists_adds_and_removes_streams(serve) -> N
     assert all(s["fps"] > 5 and s["frames"] > 0 for s in streams)
     status, added = server.call("POST", "/api/streams", {"source": str(S32), "id": "third"})
     assert status == 201 and added["id"] == "third"
-    assert server.call("POST", "/api/streams", {"source": "/no/such.mp4"})[0] == 400
+    for path in ("/no/such.mp4", "/etc/hostname", "/etc"):  # which exist is not told
+        assert server.call("POST", "/api/streams", {"source": path}) == (
+            400, {"error": f"cannot open {path!r}: no such video file, or not one this server "
+                  "can decode"},
+        )  # fmt: skip
+    assert server.call("POST", "/api/streams", {"source": "udp://239.0.0.1:5000"}) == (
+        400, {"error": "unsupported scheme 'udp': use rtsp://, rtsps://, http://, https://, file://"}
+    )  # fmt: skip
     assert server.call("POST", "/api/streams", {"source": str(S32), "id": "third"})[0] == 409
     assert server.call("POST", "/api/streams", "not an object")[0] == 400
     server.wait_running(3)
@@ -118,7 +133,7 @@ def test_given_two_clips_then_the_api_lists_adds_and_removes_streams(serve) -> N
     assert "agestream_batcher_mean_batch" in metrics
     stderr = server.stop()
     assert server.process.returncode == 0, stderr
-    assert (server.output_dir / "third.jsonl").is_file(), "a removed stream's outputs are kept"
+    assert recording(server.output_dir, "third"), "a removed stream's outputs are kept"
 
 
 def test_given_a_token_then_requests_without_it_are_refused(serve) -> None:
@@ -142,6 +157,50 @@ def test_given_a_host_beyond_loopback_without_a_token_then_serve_refuses_at_once
     )
 
 
+def api_latencies(server: Server, count: int) -> list[float]:
+    """Seconds each of `count` GET /api/streams took (each must answer 200)."""
+    latencies = []
+    for _ in range(count):
+        started = time.monotonic()
+        assert server.call("GET", "/api/streams")[0] == 200
+        latencies.append(time.monotonic() - started)
+    return latencies
+
+
+def test_given_300_clients_that_never_finish_their_headers_then_the_api_and_streams_go_on(
+    serve,
+) -> None:
+    server = serve(require(S32))
+    frames_before = server.wait_running(1)[0]["frames"]
+    clients = []
+    try:
+        for _ in range(300):  # more than MAX_CONNECTIONS: the oldest make room
+            client = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            client.sendall(b"GET /api/streams HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            clients.append(client)
+        attacked_at = time.monotonic()
+        during = api_latencies(server, 10)
+        for client in clients:  # each closed by the server once its header timeout is over
+            client.settimeout(max(0.1, attacked_at + HEADER_TIMEOUT_S + 10 - time.monotonic()))
+            assert client.recv(1024) == b""
+        closed_s = time.monotonic() - attacked_at
+        after = api_latencies(server, 10)
+    finally:
+        for client in clients:
+            client.close()
+    stream = server.call("GET", "/api/streams")[1][0]
+    print(
+        f"API latency with 300 slow clients: max {max(during) * 1000:.0f} ms; all closed by the "
+        f"server {closed_s:.1f} s after; then max {max(after) * 1000:.0f} ms; "
+        f"{stream['frames'] - frames_before} frames meanwhile"
+    )
+    assert max(during) < 1.0 and max(after) < 1.0
+    assert stream["state"] == "running" and stream["frames"] > frames_before + 10
+    stderr = server.stop()
+    assert server.process.returncode == 0, stderr
+    assert "Traceback" not in stderr and stderr.count("connections open") <= 2, stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_given_serving_when_signalled_then_every_streams_outputs_are_finalized(
     serve, signum: int
@@ -152,7 +211,8 @@ def test_given_serving_when_signalled_then_every_streams_outputs_are_finalized(
     stderr = server.stop(signum)
     assert server.process.returncode == 0, stderr
     for stem in (S32.stem, HAMILTON.stem):
-        jsonl, video = server.output_dir / f"{stem}.jsonl", server.output_dir / f"{stem}.mp4"
+        base = recording(server.output_dir, stem)
+        jsonl, video = base.with_name(f"{base.name}.jsonl"), base.with_name(f"{base.name}.mp4")
         records = [json.loads(line) for line in jsonl.read_text().splitlines()]
         frames = [r for r in records if "frame" in r]
         assert frames and all(r["stream"] == stem for r in records)

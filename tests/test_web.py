@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream.config import ConfigError
 from stream.web import BOUNDARY, check_exposure, create_app, serve_forever
+from stream.web_guard import HostPolicy, refusal
 from tests.conftest import chromium_page, keep_screenshot
 from tests.fake_hub import FakeHub
 
@@ -49,11 +50,14 @@ def serving(hub: FakeHub, token: str | None = None, **options: float) -> Iterato
 def call(
     port: int, method: str, path: str, body: object = None, headers: dict | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request; (status, headers with lower-case names, body)."""
+    """One HTTP request, its body sent as JSON unless `headers` name another Content-Type (a
+    header given as None is not sent); (status, headers with lower-case names, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
-        connection.request(method, path, body=data, headers=headers or {})
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        sent = {k: v for k, v in (sent | (headers or {})).items() if v is not None}
+        connection.request(method, path, body=data, headers=sent)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
@@ -157,6 +161,25 @@ def test_given_a_bad_body_or_source_when_added_then_400_saying_why(
     assert len(hub.streams()) == 2
 
 
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"source": "/v/" + "x" * 1_000_000}, 413, "the body is larger than 64 KiB"),
+        ({"source": "/v/" + "x" * 3000}, 400, '"source" is longer than 2048 characters'),
+        (b"[" * 30_000 + b"]" * 30_000, 400, "the body nests too deeply"),
+        (b'{"source": ' + b"7" * 5000 + b"}", 400, "numbers in the body must have at most 18"),
+    ],
+    ids=["1 MB source", "3000-char source", "nested 30000 deep", "5000-digit number"],
+)
+def test_given_a_huge_or_deep_body_when_added_then_4xx_in_one_line(
+    port: int, hub: FakeHub, body: object, status: int, message: str
+):
+    code, headers, data = call(port, "POST", "/api/streams", body)
+    error = json.loads(data)["error"]
+    assert code == status and error.startswith(message) and "\n" not in error, (code, error)
+    assert len(hub.streams()) == 2
+
+
 def test_given_an_id_in_use_when_added_again_then_409(port: int):
     status, error = call_json(port, "POST", "/api/streams", {"source": "b.mp4", "id": "door"})
     assert (status, error) == (409, {"error": "stream id 'door' is already in use"})
@@ -179,6 +202,8 @@ def test_history_gives_the_hubs_bins_and_refuses_a_bad_number_of_minutes(port: i
     for bad in ("abc", "0", "-1", "nan", "inf", "100000"):
         status, error = call_json(port, "GET", f"/api/history?minutes={bad}")
         assert status == 400 and error["error"].startswith("minutes must be a number"), bad
+    status, error = call_json(port, "GET", f"/api/history?minutes={'9' * 5000}")
+    assert status == 400 and len(error["error"]) < 120, "a long value is not echoed whole"
 
 
 def test_the_page_and_its_files_are_served_and_refer_to_nothing_outside(port: int):
@@ -293,7 +318,9 @@ def stalled_viewer(port: int, stream_id: str) -> socket.socket:
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", port))
-    client.sendall(f"GET /stream/{stream_id}.mjpg HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    client.sendall(
+        f"GET /stream/{stream_id}.mjpg HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    )
     return client
 
 
@@ -419,6 +446,187 @@ def test_serve_forever_refuses_before_binding_anything(hub: FakeHub):
 def test_an_empty_token_is_refused_rather_than_meaning_none(hub: FakeHub):
     with pytest.raises(ValueError, match="non-empty"):
         create_app(hub, "")
+
+
+# ---- cross-site requests ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
+def test_given_no_token_when_a_change_is_not_sent_as_json_then_415_and_nothing_changes(
+    port: int, hub: FakeHub, content_type: str | None
+):
+    # What any web page can send without asking: a form, or fetch with a "simple" type.
+    body = json.dumps({"source": "rtsp://evil.example/x", "id": "evil"}).encode()
+    status, _, data = call(port, "POST", "/api/streams", body, {"Content-Type": content_type})
+    shown = "none" if content_type is None else repr(content_type)
+    assert (status, json.loads(data)) == (
+        415, {"error": f"Content-Type must be application/json, got {shown}"}
+    )  # fmt: skip
+    if content_type is not None:
+        status, _, _ = call(
+            port, "DELETE", "/api/streams/door", b"", {"Content-Type": content_type}
+        )
+        assert status == 415
+    assert [s.id for s in hub.streams()] == ["door", "lobby"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:{port}", "127.0.0.1:1", "localhost.evil.example:{port}", ""],
+)
+def test_given_no_token_then_a_foreign_host_is_refused_and_loopback_names_are_not(
+    port: int, hub: FakeHub, host: str
+):
+    # DNS rebinding: another site's name resolving to 127.0.0.1 reaches this server.
+    host = host.format(port=port)
+    for method, path, body in [
+        ("GET", "/", None), ("GET", "/api/streams", None), ("GET", "/stream/door.jpg", None),
+        ("POST", "/api/streams", {"source": "x.mp4"}), ("DELETE", "/api/streams/door", None),
+    ]:  # fmt: skip
+        status, _, data = call(port, method, path, body, {"Host": host})
+        assert status == 403, (method, path, status)
+        assert json.loads(data)["error"].startswith(f"Host {host!r} is not this server")
+    assert [s.id for s in hub.streams()] == ["door", "lobby"]
+    for name in ("127.0.0.1", "localhost", "LocalHost", "[::1]"):
+        assert call(port, "GET", "/api/streams", None, {"Host": f"{name}:{port}"})[0] == 200
+
+
+def test_given_allowed_hosts_then_those_names_are_accepted_too(hub: FakeHub):
+    with serving(hub, allowed_hosts=("box.local", "cam.lan:8080")) as port:
+        for host, expected in [
+            ("box.local", 200), ("box.local:1234", 200), ("cam.lan:8080", 200),
+            ("cam.lan:9090", 403), ("cam.lan", 403), ("other.lan", 403), (f"127.0.0.1:{port}", 200),
+        ]:  # fmt: skip
+            assert call(port, "GET", "/api/streams", None, {"Host": host})[0] == expected, host
+
+
+def test_given_another_sites_origin_when_changing_then_403_and_the_own_origin_is_accepted(
+    port: int, hub: FakeHub
+):
+    for origin in (
+        "http://evil.example", "null", f"http://127.0.0.1:{port}.evil.example",
+        "http://127.0.0.1:1", f"http://localhost:{port}", f"ftp://127.0.0.1:{port}",
+    ):  # fmt: skip
+        for method, path in [("POST", "/api/streams"), ("DELETE", "/api/streams/door")]:
+            body = {"source": "x.mp4"} if method == "POST" else None
+            status, _, data = call(port, method, path, body, {"Origin": origin})
+            assert status == 403, (origin, method, status)
+            assert json.loads(data)["error"].startswith("cross-site request refused"), origin
+    assert [s.id for s in hub.streams()] == ["door", "lobby"]
+    own = {"Origin": f"http://127.0.0.1:{port}"}
+    assert call(port, "GET", "/api/streams", None, {"Origin": "http://evil.example"})[0] == 200
+    assert call(port, "POST", "/api/streams", {"source": "x.mp4", "id": "x"}, own)[0] == 201
+    assert call(port, "DELETE", "/api/streams/x", None, own)[0] == 204
+
+
+def test_given_every_address_with_a_token_then_any_host_passes_but_origins_are_still_checked():
+    anywhere = HostPolicy.for_server("0.0.0.0", TOKEN)
+    headers = {"Host": "camera-box.example:8080"}
+    assert refusal("GET", headers, 8080, anywhere) is None
+    assert refusal("POST", headers | {"Content-Type": "application/json"}, 8080, anywhere) is None
+    status, message = refusal("POST", headers | {"Origin": "http://evil.example"}, 8080, anywhere)
+    assert status == 403 and message.startswith("cross-site request refused")
+    listed = HostPolicy.for_server("0.0.0.0", TOKEN, ("camera-box.example",))
+    assert refusal("GET", headers, 8080, listed) is None
+    assert refusal("GET", {"Host": "evil.example"}, 8080, listed)[0] == 403
+    with pytest.raises(ValueError, match="allowed host 'http://x' is not a host name"):
+        HostPolicy.for_server("127.0.0.1", None, ("http://x",))
+
+
+# ---- slow and flooding clients ----------------------------------------------------------------
+
+
+def slow_client(port: int) -> socket.socket:
+    """A client that starts its request's headers and never finishes them."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(f"GET /api/streams HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode())
+    return client
+
+
+def is_closed(client: socket.socket) -> bool:
+    """Whether the server has closed `client`, without waiting."""
+    client.setblocking(False)
+    try:
+        return client.recv(1 << 16) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_given_clients_that_never_finish_their_headers_then_they_are_closed_after_the_timeout(
+    hub: FakeHub,
+):
+    with serving(hub, header_timeout_s=1.0) as port:
+        clients = [slow_client(port) for _ in range(5)]
+        try:
+            started = time.monotonic()
+            assert all(closed_within(client, 5) for client in clients)
+            assert time.monotonic() - started < 4
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_given_more_slow_clients_than_the_cap_then_the_oldest_make_room_and_the_api_answers(
+    hub: FakeHub, caplog: pytest.LogCaptureFixture
+):
+    with serving(hub, max_connections=20) as port:
+        clients = [slow_client(port) for _ in range(60)]
+        try:
+            started = time.monotonic()
+            assert call(port, "GET", "/api/streams")[0] == 200
+            assert time.monotonic() - started < 2
+            time.sleep(0.3)
+            closed = [is_closed(client) for client in clients]
+            assert closed == [True] * 41 + [False] * 19  # the oldest 40 and 1 for the API call
+        finally:
+            for client in clients:
+                client.close()
+    made_room = [r for r in caplog.records if "closed the longest idle" in r.getMessage()]
+    assert len(made_room) == 1, "41 evictions, one log line"
+
+
+def test_given_every_connection_busy_then_a_newcomer_gets_503_in_one_json_line(hub: FakeHub):
+    with serving(hub, max_connections=2) as port:
+        with viewing(port, "door"), viewing(port, "lobby"):
+            status, headers, data = call(port, "GET", "/api/streams")
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(data) == {"error": "too many connections busy: try again shortly"}
+        assert call(port, "GET", "/api/streams")[0] == 200  # the viewers are gone
+
+
+def test_given_a_body_that_never_arrives_then_408_within_the_body_timeout(hub: FakeHub):
+    with serving(hub, body_timeout_s=0.5) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(
+                f"POST /api/streams HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                'application/json\r\nContent-Length: 100\r\n\r\n{"source"'.encode()
+            )
+            started = time.monotonic()
+            response = client.recv(1 << 16)
+        assert time.monotonic() - started < 3
+        assert response.startswith(b"HTTP/1.1 408 ")
+        assert response.endswith(b'{"error": "the body did not arrive within 0.5 s"}')
+    assert len(hub.streams()) == 2
+
+
+def test_given_a_flood_of_malformed_requests_then_the_log_has_one_line_and_no_traceback(
+    hub: FakeHub, caplog: pytest.LogCaptureFixture
+):
+    with serving(hub) as port:
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                client.sendall(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n")
+                assert client.recv(1 << 16).split(b" ")[1] == b"400"
+        assert call(port, "GET", "/api/streams")[0] == 200
+    server_lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(server_lines) == 1 and server_lines[0].exc_info is None
+    assert "Error handling request" in server_lines[0].getMessage()
+    assert "\n" not in caplog.text.strip()
 
 
 # ---- the page in Chromium ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Training-time views of stored chips: JPEG re-encoding, flips, small affine moves, low
-resolution and colour changes, done per batch with torch; and the plain centre crop."""
+resolution, motion blur, low light and colour changes, done per batch with torch; and the
+plain centre crop."""
 
 from __future__ import annotations
 
@@ -82,6 +83,51 @@ def _colour(
     return (images * factors(settings.brightness)).clamp(0.0, 1.0)
 
 
+def _line_kernel(length: int, angle: float) -> torch.Tensor:
+    """A normalized (length, length) kernel along a line through its centre: the smear of a
+    face moving that many pixels during the exposure."""
+    kernel = np.zeros((length, length), np.float32)
+    centre, half = (length - 1) / 2, (length - 1) / 2
+    for t in np.linspace(-half, half, 4 * length):
+        kernel[round(centre + t * math.sin(angle)), round(centre + t * math.cos(angle))] = 1.0
+    return torch.from_numpy(kernel / kernel.sum())
+
+
+def _motion_blur(
+    images: torch.Tensor, rng: np.random.Generator, settings: AugmentSettings
+) -> torch.Tensor:
+    """Some faces smeared along a random direction, as a moving head is in a video frame."""
+    chosen = np.flatnonzero(rng.random(len(images)) < settings.motion_blur)
+    if len(chosen) == 0:
+        return images
+    images = images.clone()
+    low, high = settings.motion_blur_px
+    for i in chosen:
+        length = int(rng.integers(low, high + 1)) | 1  # odd: the kernel has a centre pixel
+        kernel = _line_kernel(length, float(rng.uniform(0, math.pi)))
+        weight = kernel.expand(3, 1, length, length)
+        padded = F.pad(images[i : i + 1], [length // 2] * 4, mode="replicate")
+        images[i] = F.conv2d(padded, weight, groups=3)[0]
+    return images
+
+
+def _low_light(
+    images: torch.Tensor, rng: np.random.Generator, settings: AugmentSettings
+) -> torch.Tensor:
+    """Some faces darkened and grainy, as a camera sees them in a dim room."""
+    chosen = torch.from_numpy(rng.random(len(images)) < settings.low_light)
+    count = int(chosen.sum())
+    if count == 0:
+        return images
+    gain = torch.from_numpy(rng.uniform(*settings.low_light_gain, (count, 1, 1, 1))).float()
+    noise = torch.from_numpy(
+        rng.normal(0.0, settings.low_light_noise, images[chosen].shape)
+    ).float()
+    images = images.clone()
+    images[chosen] = (images[chosen] * gain + noise).clamp(0.0, 1.0)
+    return images
+
+
 def augment(
     chips: np.ndarray, size: int, rng: np.random.Generator, settings: AugmentSettings
 ) -> torch.Tensor:
@@ -90,7 +136,9 @@ def augment(
     images = torch.from_numpy(chips).permute(0, 3, 1, 2).float() / 255.0
     images = _affine(images, size, rng, settings)
     images = _low_res(images, rng, settings)
-    return _colour(images, rng, settings)
+    images = _motion_blur(images, rng, settings)
+    images = _colour(images, rng, settings)
+    return _low_light(images, rng, settings)
 
 
 def age_targets(

@@ -81,6 +81,12 @@ def load_data(config: TrainConfig, models_dir: str | None) -> tuple[ChipSet, lis
     return train, [chips(directory, data.dev_limit) for directory in data.dev]
 
 
+def new_net(config: TrainConfig) -> GenderAgeNet:
+    """The recipe's network with untrained weights."""
+    model = config.model
+    return GenderAgeNet(model.age_bins, model.dropout, model.backbone, model.size)
+
+
 def sample_weights(age: np.ndarray, bin_years: int, power: float) -> np.ndarray:
     """Per-image sampling weights that lift rare ages: (images in its age bin) ** -power."""
     bins = (age // bin_years).astype(int)
@@ -90,9 +96,10 @@ def sample_weights(age: np.ndarray, bin_years: int, power: float) -> np.ndarray:
 
 
 def build_state(config: TrainConfig, device: torch.device, models_dir: str | None) -> State:
-    net = GenderAgeNet(config.model.age_bins, config.model.dropout)
-    if config.model.pretrained is not None:
-        net.load_imagenet(ensure_model(config.model.pretrained, models_dir))
+    net = new_net(config)
+    weights = config.model.pretrained_weights
+    if weights is not None:
+        net.load_imagenet(ensure_model(weights, models_dir))
     net = net.to(device, memory_format=torch.channels_last)
     ema = AveragedModel(
         net, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
@@ -345,7 +352,7 @@ def export(config: TrainConfig, out_dir: Path, check_on: ChipSet | None = None) 
     """Export the best checkpoint's averaged weights to out_dir/genderage.onnx and check ONNX
     Runtime against PyTorch on real chips (or random input without dev data)."""
     checkpoint = torch.load(out_dir / BEST, map_location="cpu", weights_only=False)
-    net = GenderAgeNet(config.model.age_bins, config.model.dropout)
+    net = new_net(config)
     net.load_state_dict(
         {k[len("module.") :]: v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
     )

@@ -194,8 +194,13 @@ def predict_package(images: list[LabelledImage]) -> tuple[np.ndarray, ...]:
     ages = np.full(len(images), np.nan)
     p_males = np.full(len(images), np.nan)
     for i, item in enumerate(images):
-        with Image.open(item.path) as image:
-            result = predictor.predict_face(image.convert("RGB"))
+        try:
+            with Image.open(item.path) as image:
+                face = image.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as error:  # as our own reader, skip it
+            log.warning("%s skips %s: %s", PACKAGE_REFERENCE, item.path, error)
+            continue
+        result = predictor.predict_face(face)
         ages[i] = result["age"]["value"]
         confidence = result["gender"]["confidence"] / 100
         p_males[i] = confidence if result["gender"]["value"] == "male" else 1 - confidence
@@ -246,10 +251,17 @@ def evaluate(
         "missed": [str(item.path) for item, hit in zip(images, found) if not hit],
         **scores_report(truth[found], age[found], p_male[found]),
         "age_range": range_report(truth[found], low[found], high[found]),
-        # Each image's estimate, rounded as `run`'s JSON lines round it.
+        # Each image's label and estimate, rounded as `run`'s JSON lines round it.
         "per_image": [
-            {"file": str(item.path), "age": json_number(a, 2), "p_male": json_number(p, 4)}
-            for item, a, p in zip(images, age, p_male)
+            {
+                "file": str(item.path),
+                "true_age": item.age,
+                "age": json_number(a, 2),
+                "age_low": json_number(lo, 2),
+                "age_high": json_number(hi, 2),
+                "p_male": json_number(p, 4),
+            }
+            for item, a, lo, hi, p in zip(images, age, low, high, p_male)
         ],
     }
     if reference is not None:

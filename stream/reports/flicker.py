@@ -8,6 +8,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from math import isfinite
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,16 @@ def _frame_record(text: str, where: str) -> dict | None:
     if not isinstance(faces, list) or not all(isinstance(face, dict) for face in faces):
         raise RecordsError(f'{where}: "faces" must be a list of objects')
     for key in ("frame", "t_ms"):
-        if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
-            raise RecordsError(f'{where}: a frame record needs a number "{key}"')
+        value = record.get(key)
+        # json reads NaN and Infinity, which agestream never writes.
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not isfinite(value):
+            raise RecordsError(f'{where}: a frame record needs a finite number "{key}"')
     return record
 
 
-def read_records(path: Path) -> list[dict]:
-    """Frame records of a run's JSON-lines file; event lines (no "faces") are ignored. A
-    partial last line (what a killed run leaves) is skipped with a warning.
+def read_numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, frame record) of a run's JSON-lines file; event lines (no "faces") are
+    ignored. A partial last line (what a killed run leaves) is skipped with a warning.
 
     Raises:
         RecordsError: naming the file and line of the first malformed record.
@@ -116,7 +119,7 @@ def read_records(path: Path) -> list[dict]:
         if text.strip():
             record = _frame_record(text, f"{path}:{number}")
             if record is not None:
-                records.append(record)
+                records.append((number, record))
     if tail.strip():
         try:
             record = _frame_record(tail, f"{path}:{len(lines)}")
@@ -124,8 +127,13 @@ def read_records(path: Path) -> list[dict]:
             log.warning("%s; skipping it as the partial last line of an interrupted run", error)
         else:
             if record is not None:
-                records.append(record)
+                records.append((len(lines), record))
     return records
+
+
+def read_records(path: Path) -> list[dict]:
+    """The frame records of `read_numbered_records`, without their line numbers."""
+    return [record for _, record in read_numbered_records(path)]
 
 
 def track_flicker(records: list[dict]) -> list[TrackFlicker]:

@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,8 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from stream.outputs import OutputError, write_whole
-from stream.reports.flicker import RecordsError, read_records
+from stream.outputs import PARTIAL, OutputError, failure, write_whole
+from stream.reports.flicker import RecordsError, read_numbered_records
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, person_age_group
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,14 @@ PEOPLE_COLUMNS = (
     "age_group",
     "gender", "p_male", "frames", "views", "best_frame", "best_t_s", "snapshot",
 )  # fmt: skip
+# Track ids count up from 0; beyond int64 one is not a run's (and its snapshot's name would
+# be too long for a file system).
+MAX_TRACK = 2**63 - 1
+# Times are milliseconds into the run: beyond 1e13 (317 years) a record is not a run's, and
+# the spans between such times overflow.
+MAX_T_MS = 1e13
+# The face fields the report reads as numbers (null: not known).
+FACE_NUMBERS = ("age", "age_uncertainty", "age_low", "age_high", "p_male", "quality", "score")
 CHARTS = (
     ("chart-age.png", "People in view by age group"),
     ("chart-gender.png", "People in view by gender"),
@@ -111,10 +121,11 @@ def start_event(path: Path) -> dict:
 
 def _frame_period_s(records: list[dict], start: dict) -> float:
     fps = start.get("fps")
-    if isinstance(fps, (int, float)) and fps > 0:
+    if isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0:
         return 1 / fps
     times = np.array([record["t_ms"] for record in records], dtype=float)
-    return float(np.median(np.diff(times))) / 1000 if len(times) > 1 else 1 / 30
+    period = float(np.median(np.diff(times))) / 1000 if len(times) > 1 else 0.0
+    return period if period > 0 else 1 / 30
 
 
 def _view_quality(face: dict) -> float:
@@ -129,7 +140,8 @@ def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Perso
     last = seen[-1][1]
     best_record, best_face = max(seen, key=lambda pair: _view_quality(pair[1]))
     known_gender = [face["gender"] for _, face in seen if face.get("gender") is not None]
-    first_s, last_s = seen[0][0]["t_ms"] / 1000, seen[-1][0]["t_ms"] / 1000
+    times = [record["t_ms"] / 1000 for record, _ in seen]
+    first_s, last_s = min(times), max(times)
     return Person(
         track=track,
         first_s=first_s,
@@ -146,41 +158,80 @@ def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Perso
         best_frame=int(best_record["frame"]),
         best_t_s=best_record["t_ms"] / 1000,
         best_box=tuple(float(v) for v in best_face["box"]),
-        seen_s=tuple(record["t_ms"] / 1000 for record, _ in seen),
+        seen_s=tuple(times),
     )
 
 
-def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
-    """The run and its people (tracks), sorted by first appearance.
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    """A finite JSON number (json reads NaN and Infinity, which agestream never writes)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_face(face: dict, where: str) -> int:
+    """The track id of a tracked face, once every field the report reads is checked.
 
     Raises:
-        FileNotFoundError, RecordsError: one line naming the file.
+        RecordsError: `where` (FILE:LINE) and what is wrong.
+    """
+    track = face["track"]
+    if not isinstance(track, int) or isinstance(track, bool) or not 0 <= track <= MAX_TRACK:
+        raise RecordsError(
+            f'{where}: "track" must be a whole number from 0 to {MAX_TRACK} or null, got '
+            f"{_brief(track)}"
+        )
+    box = face.get("box")
+    if not isinstance(box, list) or len(box) != 4 or not all(map(_is_number, box)):
+        raise RecordsError(f'{where}: a face needs a "box" of 4 numbers, got {_brief(box)}')
+    for key in FACE_NUMBERS:
+        if face.get(key) is not None and not _is_number(face[key]):
+            raise RecordsError(
+                f'{where}: "{key}" must be a number or null, got {_brief(face[key])}'
+            )
+    if face.get("p_male") is not None and not 0 <= face["p_male"] <= 1:
+        raise RecordsError(f'{where}: "p_male" must be from 0 to 1, got {face["p_male"]}')
+    if face.get("gender") is not None and not isinstance(face["gender"], str):
+        raise RecordsError(f'{where}: "gender" must be text or null, got {_brief(face["gender"])}')
+    return track
+
+
+def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
+    """The run and its people (tracks), sorted by first appearance; every field the report
+    reads is checked first.
+
+    Raises:
+        FileNotFoundError, RecordsError: one line naming the file (and line).
     """
     if not path.is_file():
         raise FileNotFoundError(f"JSON lines file not found: {path}")
-    records = read_records(path)
-    if not records:
+    numbered = read_numbered_records(path)
+    if not numbered:
         raise RecordsError(f"{path}: no frame records; is it the --json output of agestream run?")
-    start = start_event(path)
-    period_s = _frame_period_s(records, start)
     by_track: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
-    for record in records:
+    for line, record in numbered:
+        if abs(record["t_ms"]) > MAX_T_MS:
+            raise RecordsError(f'{path}:{line}: "t_ms" is beyond {MAX_T_MS:.0e}: not a run\'s time')
         for face in record["faces"]:
             # Unconfirmed tracks (null) may be false detections: not people yet.
             if face.get("track") is not None:
-                box = face.get("box")
-                if not isinstance(box, list) or len(box) != 4:
-                    raise RecordsError(f"{path}: frame {record['frame']}: a face needs a box")
-                by_track[int(face["track"])].append((record, face))
+                by_track[_check_face(face, f"{path}:{line}")].append((record, face))
+    records = [record for _, record in numbered]
+    start = start_event(path)
+    period_s = _frame_period_s(records, start)
     people = [_person(track, seen, period_s) for track, seen in by_track.items()]
     people.sort(key=lambda person: (person.first_s, person.track))
-    start_s = records[0]["t_ms"] / 1000
+    # Times need not rise line by line (records joined from elsewhere): span them all.
+    times = [record["t_ms"] / 1000 for record in records]
     run = RunInfo(
         jsonl=path,
         source=start.get("source") if isinstance(start.get("source"), str) else None,
         frames=len(records),
-        start_s=start_s,
-        duration_s=records[-1]["t_ms"] / 1000 - start_s + period_s,
+        start_s=min(times),
+        duration_s=max(times) - min(times) + period_s,
     )
     return run, people
 
@@ -468,8 +519,9 @@ def _snapshot_source(source: Path | None, run: RunInfo) -> Path | None:
     return None
 
 
-def prepare_directory(directory: Path) -> None:
-    """Create `directory`; refuse one that holds anything, so nothing is overwritten."""
+def prepare_directory(directory: Path) -> Path:
+    """A new partial folder beside `directory`, to be renamed to it when the report is whole;
+    refuse a `directory` that holds anything, so nothing is overwritten."""
     if directory.exists():
         if not directory.is_dir():
             raise OutputError(f"report folder {directory} is a file; choose another folder")
@@ -477,16 +529,17 @@ def prepare_directory(directory: Path) -> None:
             raise OutputError(
                 f"report folder {directory} is not empty; choose another folder or remove it"
             )
-    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory.with_name(f".{directory.name}.{PARTIAL}-{os.getpid()}")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as error:
+        raise failure("report folder", partial, error) from None
+    return partial
 
 
-def write_people_report(jsonl: Path, directory: Path, source: Path | None = None) -> Report:
-    """Everything the report holds, written into `directory` (new or empty), each file under
-    a partial name until whole."""
-    run, people = load_run(jsonl)
-    video = _snapshot_source(source, run)
-    prepare_directory(directory)
-    snapshots = write_snapshots(directory, people, video) if video and people else {}
+def _write_files(folder: Path, run: RunInfo, people: list[Person], video: Path | None) -> int:
+    """The report's files into `folder`; the number of snapshots."""
+    snapshots = write_snapshots(folder, people, video) if video and people else {}
     bins = presence_bins(run, people)
     charts = (
         presence_chart(bins, people, "age_group", CHARTS[0][1]),
@@ -494,11 +547,28 @@ def write_people_report(jsonl: Path, directory: Path, source: Path | None = None
         groups_chart(people),
     )
     for (name, _), data in zip(CHARTS, charts):
-        write_whole(directory / name, data, "chart")
+        write_whole(folder / name, data, "chart")
     rows = people_rows(people, snapshots)
-    write_whole(directory / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
+    write_whole(folder / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
     counts = _csv_text(count_columns(), count_rows(bins, people))
-    write_whole(directory / "counts.csv", counts, "counts CSV")
+    write_whole(folder / "counts.csv", counts, "counts CSV")
     page = index_html(run, people, snapshots).encode("utf-8")
-    write_whole(directory / "index.html", page, "report page")
-    return Report(directory, len(people), len(snapshots), run)
+    write_whole(folder / "index.html", page, "report page")
+    return len(snapshots)
+
+
+def write_people_report(jsonl: Path, directory: Path, source: Path | None = None) -> Report:
+    """Everything the report holds, written into a partial folder beside `directory` (new or
+    empty) and renamed to it when whole: a report that fails leaves nothing behind."""
+    run, people = load_run(jsonl)
+    video = _snapshot_source(source, run)
+    partial = prepare_directory(directory)
+    try:
+        snapshots = _write_files(partial, run, people, video)
+        os.replace(partial, directory)  # replaces an empty folder, never a full one
+    except BaseException as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise failure("report folder", directory, error) from None
+        raise
+    return Report(directory, len(people), snapshots, run)
