@@ -390,7 +390,7 @@ def _join_all(streams: list[ServedStream]) -> None:
         if pending:
             shown = ", ".join(stream.id for stream in pending[:5])
             more = f" and {len(pending) - 5} more" if len(pending) > 5 else ""
-            log.info("waiting for streams to finalize their outputs: %s%s", shown, more)
+            log.info("waiting for streams to stop: %s%s", shown, more)
 
 
 class StreamHub:
