@@ -80,7 +80,7 @@ class InputSpec:
             )
         batch = crops[..., ::-1] if self.channels == "BGR" else crops
         batch = batch.astype(np.float32) / np.float32(self.scale)
-        batch = (batch - np.float32(self.mean)) / np.float32(self.std)
+        batch = (batch - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         if self.layout == "NCHW":
             batch = batch.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(batch, dtype=np.float32)

@@ -36,7 +36,7 @@ class Combined:
     Crops both need are cut once: `crops` is the union of their specs.
     """
 
-    predicts = (AGE, GENDER)
+    predicts: tuple[str, ...] = (AGE, GENDER)
 
     def __init__(self, age: Estimator, gender: Estimator) -> None:
         self.age = age

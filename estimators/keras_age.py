@@ -44,7 +44,7 @@ class KerasResNet50:
     """
 
     name = "keras-resnet50"
-    predicts = (AGE,)
+    predicts: tuple[str, ...] = (AGE,)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"bias_correction": True, "margin": 1.4})

@@ -95,7 +95,7 @@ class OnnxGenderAge:
     """Age and gender from ONNX networks; see the module docstring for the contracts."""
 
     name = "onnx-genderage"
-    predicts = (AGE, GENDER)
+    predicts: tuple[str, ...] = (AGE, GENDER)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"contract": "auto", "margin": None})
@@ -243,7 +243,7 @@ class GenderAge:
     and `evaluate` turn it on, see `stream.photos.still_image_estimator`)."""
 
     name = "genderage"
-    predicts = (AGE, GENDER)
+    predicts: tuple[str, ...] = (AGE, GENDER)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"flip": False})

@@ -73,13 +73,13 @@ class ResNet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         inplanes = 64
-        for index, (planes, blocks, stride) in enumerate(
-            ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)), start=1
-        ):
+        layers = []
+        for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
             layer = [Bottleneck(inplanes, planes, stride)]
             inplanes = planes * Bottleneck.expansion
             layer += [Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{index}", nn.Sequential(*layer))
+            layers.append(nn.Sequential(*layer))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = head if head is not None else nn.Linear(2048, 1)
 
@@ -152,7 +152,7 @@ class TorchResNet50:
     """
 
     name = "torch-resnet50"
-    predicts = (AGE,)
+    predicts: tuple[str, ...] = (AGE,)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         options = settings.take({"margin": 1.4})

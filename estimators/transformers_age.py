@@ -88,7 +88,7 @@ class HubAgeClassifier:
     name = ""
     default_model = ""
     model_class = "AutoModelForImageClassification"
-    predicts = (AGE,)
+    predicts: tuple[str, ...] = (AGE,)
 
     def __init__(self, settings: EstimatorSettings, models_dir: str | Path | None = None) -> None:
         # Hub models use the Hugging Face cache (HF_HOME), where users already keep them.

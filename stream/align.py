@@ -127,8 +127,9 @@ def _pyramid_down(image: np.ndarray) -> np.ndarray:
     out_rows, out_cols = (rows - 3) // 2, (cols - 3) // 2
     a = image.astype(np.int32)
     taps = (1, 4, 6, 4, 1)
-    t = sum(w * a[:, i : i + 2 * out_cols : 2] for i, w in enumerate(taps))
-    d = sum(w * t[i : i + 2 * out_rows : 2] for i, w in enumerate(taps))
+    zero = np.zeros((), np.int32)  # an array start keeps each sum an array (not 0 | array)
+    t = sum((w * a[:, i : i + 2 * out_cols : 2] for i, w in enumerate(taps)), zero)
+    d = sum((w * t[i : i + 2 * out_rows : 2] for i, w in enumerate(taps)), zero)
     return (d // 256).astype(np.uint8)
 
 

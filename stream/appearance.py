@@ -5,6 +5,7 @@ and clothes around it only help a face that is almost close enough."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,9 @@ SAMPLE_EVERY = 5
 # A face this much further than `reid_distance` still matches when the colours around it match
 # too (people dressed alike are told apart by their faces; colour only settles near misses).
 COLOUR_SLACK = 0.03
+
+# What an ended track had learnt (the smoother's state); identities only carry it along.
+Evidence = TypeVar("Evidence")
 
 
 def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
@@ -46,15 +50,14 @@ def appearance(image_bgr: np.ndarray, xyxy: np.ndarray) -> np.ndarray:
 
 
 @dataclass(eq=False)
-class _Person:
+class _Person(Generic[Evidence]):
     person_id: int
     look: np.ndarray | None = None
     looks: int = 0
     # Unit face signature of the person's latest track; None while no usable view was seen.
     face: np.ndarray | None = None
-    # When the person's last track ended (seconds of media time), and what it had learnt.
-    left_s: float | None = None
-    evidence: object = None
+    # What the person's last track had learnt, once it ended.
+    evidence: Evidence | None = None
 
     def add_look(self, look: np.ndarray) -> None:
         self.looks += 1
@@ -62,7 +65,7 @@ class _Person:
 
 
 @dataclass(frozen=True)
-class IdentityUpdate:
+class IdentityUpdate(Generic[Evidence]):
     """One frame's identities.
 
     Attributes:
@@ -72,10 +75,10 @@ class IdentityUpdate:
     """
 
     person_ids: np.ndarray
-    returned: tuple[tuple[int, object], ...]
+    returned: tuple[tuple[int, Evidence], ...]
 
 
-class Identities:
+class Identities(Generic[Evidence]):
     """Gives each confirmed track a person id: a new one, or that of a person who left at most
     `reid_s` ago and whose face matches (within `reid_distance`, or within COLOUR_SLACK more of
     it when their look also matches with at least `similarity`). A track without a usable
@@ -93,8 +96,9 @@ class Identities:
         self.reid_s = reid_s
         self.reid_distance = reid_distance
         self.similarity = similarity
-        self._person_of_track: dict[int, _Person] = {}
-        self._away: list[_Person] = []
+        self._person_of_track: dict[int, _Person[Evidence]] = {}
+        # People whose track ended, with when it did (seconds of media time); oldest first.
+        self._away: dict[_Person[Evidence], float] = {}
         self._next_id = 1
         self._updates = 0  # frames seen: a live stream's frame numbers skip its drops
 
@@ -105,7 +109,7 @@ class Identities:
         track_ids: np.ndarray,
         confirmed: np.ndarray,
         signatures: np.ndarray,
-    ) -> IdentityUpdate:
+    ) -> IdentityUpdate[Evidence]:
         """Person ids of the frame's faces, given their tracks and (n, d) track signatures
         (NaN rows: none yet)."""
         ids = track_ids.tolist()
@@ -114,7 +118,7 @@ class Identities:
         self._updates += 1
         sampled = confirmed_faces if self._updates % SAMPLE_EVERY == 0 else new_faces
         look_of = dict(zip(sampled, appearance(image_bgr, xyxy[sampled])))
-        returned = []
+        returned: list[tuple[int, Evidence]] = []
         for i in new_faces:
             person = self._returning(look_of[i], signatures[i]) if self.reid_s > 0 else None
             if person is None:
@@ -122,7 +126,7 @@ class Identities:
                 self._next_id += 1
             elif person.evidence is not None:
                 returned.append((ids[i], person.evidence))
-            person.left_s, person.evidence = None, None
+            person.evidence = None
             self._person_of_track[ids[i]] = person
         person_ids = np.zeros(len(ids), np.int64)
         for i in confirmed_faces:
@@ -134,30 +138,30 @@ class Identities:
             person_ids[i] = person.person_id
         return IdentityUpdate(person_ids, tuple(returned))
 
-    def _returning(self, look: np.ndarray, face: np.ndarray) -> _Person | None:
+    def _returning(self, look: np.ndarray, face: np.ndarray) -> _Person[Evidence] | None:
         """The away person whose face is nearest `face`, if near enough; no longer away."""
-        known = [p for p in self._away if p.face is not None]
+        known = [(p, p.face) for p in self._away if p.face is not None]
         if not known or not np.all(np.isfinite(face)):
             return None
-        distances = identity_distance(face, np.stack([p.face for p in known]))
+        distances = identity_distance(face, np.stack([known_face for _, known_face in known]))
         nearest = int(np.argmin(distances))
-        person, distance = known[nearest], float(distances[nearest])
+        person, distance = known[nearest][0], float(distances[nearest])
         colour = float(look @ person.look) if person.look is not None else 0.0
         if distance > self.reid_distance and not (
             distance <= self.reid_distance + COLOUR_SLACK and colour >= self.similarity
         ):
             return None
-        self._away.remove(person)
+        del self._away[person]
         return person
 
-    def end(self, ended: dict[int, object], now_s: float) -> list[int]:
+    def end(self, ended: dict[int, Evidence], now_s: float) -> list[int]:
         """Tracks that ended, with the evidence each had learnt; returns the people who have
         now been away longer than `reid_s` (their rows can be written)."""
         for track_id, evidence in ended.items():
             person = self._person_of_track.pop(track_id, None)
             if person is not None:
-                person.left_s, person.evidence = now_s, evidence
-                self._away.append(person)
-        gone = [p for p in self._away if now_s - p.left_s >= self.reid_s]
-        self._away = [p for p in self._away if now_s - p.left_s < self.reid_s]
+                person.evidence = evidence
+                self._away[person] = now_s
+        gone = [p for p, left_s in self._away.items() if now_s - left_s >= self.reid_s]
+        self._away = {p: left_s for p, left_s in self._away.items() if now_s - left_s < self.reid_s}
         return [p.person_id for p in gone]

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class _Request:
 
 def take_rows(estimates: Estimates, start: int, stop: int) -> Estimates:
     """Rows `start:stop` of every column, optional ones too (labels are shared)."""
-    columns = {}
+    columns: dict[str, Any] = {}  # arrays, and the labels' tuple
     for field in dataclasses.fields(estimates):
         value = getattr(estimates, field.name)
         columns[field.name] = value[start:stop] if isinstance(value, np.ndarray) else value

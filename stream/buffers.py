@@ -17,11 +17,12 @@ when nothing arrives in time, like `queue.Queue.get`.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import deque
 from queue import Empty
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 __all__ = [
     "END_OF_STREAM",
@@ -38,14 +39,19 @@ T = TypeVar("T")
 STOP_POLL_S = 0.05
 
 
-class _EndOfStream:
-    """Type of the END_OF_STREAM sentinel; compare with `is`."""
+class _EndOfStream(enum.Enum):
+    """Type of the END_OF_STREAM sentinel; compare with `is`.
+
+    A one-member enum so that `item is END_OF_STREAM` narrows `T | _EndOfStream` to `T` for mypy.
+    """
+
+    END_OF_STREAM = "END_OF_STREAM"
 
     def __repr__(self) -> str:
         return "END_OF_STREAM"
 
 
-END_OF_STREAM = _EndOfStream()
+END_OF_STREAM: Final = _EndOfStream.END_OF_STREAM
 
 
 class FrameBuffer(Protocol[T]):
@@ -74,8 +80,7 @@ class LatestFrameBuffer(Generic[T]):
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._item: T | None = None
-        self._has_item = False
+        self._slot: deque[T] = deque(maxlen=1)
         self._ended = False
         self._dropped = 0
 
@@ -92,23 +97,22 @@ class LatestFrameBuffer(Generic[T]):
                 # Kept apart from the slot so the last frame is still delivered first.
                 self._ended = True
             else:
-                if self._has_item:
+                if self._slot:
                     self._dropped += 1
-                self._item, self._has_item = item, True
+                self._slot.append(item)  # maxlen=1: replaces the waiting item
             self._cond.notify_all()
             return True
 
     def get(self, timeout: float | None = None) -> T | _EndOfStream:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._has_item or self._ended, timeout):
+            if not self._cond.wait_for(lambda: self._slot or self._ended, timeout):
                 raise Empty
-            if not self._has_item:
+            if not self._slot:
                 return END_OF_STREAM
-            item, self._item, self._has_item = self._item, None, False
-            return item
+            return self._slot.popleft()
 
     def __len__(self) -> int:
-        return int(self._has_item)
+        return len(self._slot)
 
 
 class BlockingBuffer(Generic[T]):

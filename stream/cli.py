@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from stream.config import Config, ConfigError, load_config, override, package_version
+from stream.counts_command import EXIT_BROKEN_PIPE, add_counts_parser, cmd_counts
 from stream.native_log import native_stderr_to_logging
 from stream.outputs import write_report
 
@@ -89,16 +91,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BLUR_HELP = "blur every face in every image written or served (labels stay)"
+
+
 def _add_run(commands: argparse._SubParsersAction) -> None:
     """The `run` command: video sources, or still images."""
     run = commands.add_parser(
         "run", help="process a webcam, stream URL, video file, image file or folder of images"
     )
     run.add_argument(
-        "source",
+        "sources", nargs="+", metavar="SOURCE",
         help="webcam index (0), rtsp:// or http(s):// URL, video file, image file, or folder of "
-        "images",
-    )
+        "images; several videos (or a quoted glob, 'clips/*.mp4') run one after another, each "
+        "writing NAME.mp4, NAME.jsonl and NAME.csv into the --output, --json and --tracks "
+        "folders",
+    )  # fmt: skip
     _add_common(run)
     run.add_argument(
         "--output",
@@ -110,6 +117,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         "OUTPUT/faces.jsonl)",
     )
     run.add_argument("--no-window", action="store_true", help="do not open a window")
+    run.add_argument("--blur", action="store_true", help=BLUR_HELP)
     run.add_argument(
         "--fast",
         action="store_true",
@@ -142,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_run, _add_serve, _add_evaluate, _add_train, _add_evaluate_video, _add_report,
-        _add_bench, _add_models,
+        _add_bench, _add_models, add_counts_parser,
     ):  # fmt: skip
         add(commands)
     return parser
@@ -170,7 +178,22 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "more (default: serve.allowed_hosts)",
     )  # fmt: skip
     serve.add_argument("--loop", action="store_true", help="start files over at their end")
-    serve.add_argument("--output-dir", help="write each stream's ID-TIME.mp4, .jsonl and .csv here")
+    serve.add_argument(
+        "--store", choices=("counts", "video"),
+        help="what is kept on disk: counts (visits and counts only, the default) or video "
+        "(also each stream's ID-TIME.mp4, .jsonl and .csv in --output-dir)",
+    )  # fmt: skip
+    serve.add_argument("--output-dir", help="folder of the videos (--store video) and visits.db")
+    serve.add_argument(
+        "--database", metavar="FILE|URL",
+        help="the visits store: an SQLite file or a postgresql:// URL (default: "
+        "OUTPUT_DIR/visits.db, else ~/.local/share/agestream/visits.db)",
+    )  # fmt: skip
+    serve.add_argument("--blur", action="store_true", help=BLUR_HELP)
+    serve.add_argument("--mqtt", metavar="URL", help="send events to this MQTT broker (mqtt://)")
+    serve.add_argument(
+        "--webhook", action="append", metavar="URL", help="POST events here; repeat for more"
+    )
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -296,14 +319,19 @@ def _config_from(args: argparse.Namespace) -> Config:
             pace=False if args.fast else None,
             max_frames=args.max_frames,
             tracks=args.tracks,
+            blur=True if args.blur else None,
         )
         config = override(config, "tracking", reestimate_every=args.reestimate_every)
     if args.command == "serve":
         config = override(
             config, "serve", host=args.host, port=args.port, output_dir=args.output_dir,
-            loop=True if args.loop else None,
+            loop=True if args.loop else None, store=args.store, database=args.database,
             allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
         )  # fmt: skip
+        config = override(config, "output", blur=True if args.blur else None)
+        config = override(
+            config, "events", mqtt=args.mqtt, webhooks=tuple(args.webhook) if args.webhook else None
+        )
     if args.command in ESTIMATOR_COMMANDS:
         _check_estimators(config, args)
     return config
@@ -315,19 +343,41 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def _cmd_run(config: Config, args: argparse.Namespace) -> int:
     from stream.photos import is_image_source
+    from stream.several import expand_sources, outputs_for
 
-    if is_image_source(args.source):
-        return _cmd_run_images(config, args)
+    sources = expand_sources(args.sources)
+    if len(sources) == 1 and is_image_source(sources[0]):
+        return _cmd_run_images(config, args, sources[0])
     if args.resume:
         raise ConfigError(
-            f"--resume is for images: {args.source} is read as video, which a run cannot "
+            f"--resume is for images: {sources[0]} is read as video, which a run cannot "
             "continue; run it again into new outputs"
         )
-    from stream.pipeline import RunSummary, run
+    if len(sources) == 1:
+        return _run_one(config, sources[0])
+    failed = 0
+    for source, output in outputs_for(sources, config.output):
+        log.info("%s", source)
+        try:
+            status = _run_one(dataclasses.replace(config, output=output), source)
+        except (KeyboardInterrupt, BrokenPipeError):
+            raise
+        except Exception as error:  # one bad input never stops the others
+            print(f"agestream: error: {source}: {_first_line(error)}", file=sys.stderr)
+            status = EXIT_ERROR
+        if status == EXIT_INTERRUPTED:
+            return status
+        failed += status != 0
+    return EXIT_ERROR if failed else 0
 
-    summary = RunSummary(source_id=args.source)
+
+def _run_one(config: Config, source: str) -> int:
+    from stream.pipeline import run
+    from stream.stages import RunSummary
+
+    summary = RunSummary(source_id=source)
     try:
-        run(config, args.source, summary)
+        run(config, source, summary)
     except KeyboardInterrupt:
         print(summary.format() + "\n  (interrupted)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -339,12 +389,12 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run_images(config: Config, args: argparse.Namespace) -> int:
+def _cmd_run_images(config: Config, args: argparse.Namespace, source: str) -> int:
     from stream.photos import PhotoSummary, run_images
 
     summary = PhotoSummary()
     try:
-        run_images(config, Path(args.source), summary, resume=args.resume)
+        run_images(config, Path(source), summary, resume=args.resume)
     except KeyboardInterrupt:
         print(summary.format() + "\n  (interrupted)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -368,16 +418,17 @@ def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
 def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
     from estimators import estimator_names
     from stream.photos import DetectorsByModel, PhotoLabeller, still_image_estimator
-    from stream.pipeline import face_checker
     from stream.reports.evaluate import (
         PACKAGE_REFERENCE,
+        Predictor,
         evaluate,
         format_report,
         pipeline_predictor,
         predict_package,
     )
+    from stream.stages import face_checker
 
-    compare = args.compare
+    compare: str | None = args.compare
     if compare is not None and compare != PACKAGE_REFERENCE and compare not in estimator_names():
         raise ConfigError(
             f"--compare: Invalid reference {compare!r}, expecting {PACKAGE_REFERENCE} or an "
@@ -388,7 +439,7 @@ def _cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
         # What `run IMAGE|FOLDER` shows is what is scored: its detectors, second look, crops.
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
         checker = face_checker(config, stack)
-        reference = None
+        reference: tuple[str, Predictor] | None = None
         if compare == PACKAGE_REFERENCE:
             reference = (f"{compare} predict_face", predict_package)
         elif compare is not None:
@@ -461,6 +512,7 @@ def check_train_out(out: Path, overwrite_model: bool) -> None:
 
     model = out / ONNX_NAME
     for package in (estimators, detectors, stream):
+        assert package.__file__ is not None, "agestream's packages are regular packages"
         root = Path(package.__file__).resolve().parent
         if any(path.resolve().is_relative_to(root) for path in (out, model)):
             raise OutputError(
@@ -535,6 +587,7 @@ COMMANDS = {
     "report": _cmd_report,
     "train": _cmd_train,
     "models": _cmd_models,
+    "counts": lambda config, args: cmd_counts(args),
 }
 
 
@@ -547,6 +600,19 @@ def _interrupt_on_signals() -> None:
             signal.signal(signum, _raise_keyboard_interrupt)
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _reader_gone() -> int:
+    """Standard output's reader went away (`agestream run X --json - | head`): end quietly, as
+    a shell tool cut off by SIGPIPE does, with the outputs already finalized. Standard output
+    goes to /dev/null so that the interpreter's last flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         config = _config_from(args)
@@ -554,11 +620,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"agestream: config error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        return _reader_gone()
     except Exception as error:
         if getattr(args, "verbose", False):
             log.exception("failed")
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"agestream: error: {message}", file=sys.stderr)
+        print(f"agestream: error: {_first_line(error)}", file=sys.stderr)
         return EXIT_ERROR
 
 

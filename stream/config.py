@@ -117,14 +117,36 @@ class OutputConfig:
     json: Annotated[str, Field(min_length=1)] | None = None
     tracks: Annotated[str, Field(min_length=1)] | None = None
     max_frames: Annotated[int, Field(ge=1)] | None = None
+    hud: bool = True
+    blur: bool = False
+
+
+# The sections a served stream may set for itself (`serve.streams[].settings`).
+STREAM_SECTIONS = ("detector", "source", "tracking", "output")
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, config=STRICT)
 class StreamEntry:
-    """One stream `agestream serve` starts with: a source argument and an optional id."""
+    """One stream `agestream serve` starts with: a source argument, an optional id, the
+    region of the frame whose faces count (`roi`: left, top, right, bottom as fractions of its
+    width and height; a face counts when its box's centre is inside), and settings of its own
+    (`{section: {key: value}}` over the config's detector, source, tracking and output)."""
 
     source: Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]
     id: Annotated[str, Field(min_length=1)] | None = None
+    roi: tuple[Fraction, Fraction, Fraction, Fraction] | None = None
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.roi is not None and not (self.roi[0] < self.roi[2] and self.roi[1] < self.roi[3]):
+            raise ValueError(
+                f"roi is [left, top, right, bottom] with left < right and top < bottom, "
+                f"got {list(self.roi)}"
+            )
+        for section in self.settings:
+            if section not in STREAM_SECTIONS:
+                raise ValueError(f"settings may set {', '.join(STREAM_SECTIONS)}, not {section!r}")
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -136,7 +158,18 @@ class ServeConfig:
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
     loop: bool = False
     output_dir: Annotated[str, Field(min_length=1)] | None = None
+    store: Literal["counts", "video"] = "counts"
+    database: Annotated[str, Field(min_length=1)] | None = None
     streams: tuple[StreamEntry, ...] = ()
+
+
+@dataclass(frozen=True, config=STRICT)
+class EventsConfig:
+    mqtt: Annotated[str, Field(min_length=1)] | None = None
+    mqtt_prefix: Annotated[str, Field(min_length=1, pattern=r"^[^#+]+$")] = "agestream"
+    home_assistant: bool = False
+    webhooks: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -147,6 +180,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     models_dir: Annotated[str, Field(min_length=1)] | None = None
 
 
@@ -200,7 +234,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
             raise ConfigError(
                 f"unknown config key {path!r}; valid keys here: {', '.join(sorted(fields))}"
             )
-        default = fields[key].default_factory() if callable(fields[key].default_factory) else None
+        factory = fields[key].default_factory
+        default = factory() if callable(factory) else None
         if dataclasses.is_dataclass(default):
             kwargs[key] = _build(type(default), value, path)
         elif key in _LISTS_OF and isinstance(value, list):
@@ -242,9 +277,28 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"config file not found: {config_path}")
     values = _read_mapping(config_path)
     try:
-        return _build(Config, values, "")
+        config = _build(Config, values, "")
+        for i, entry in enumerate(config.serve.streams):
+            stream_config(config, entry, f"serve.streams[{i}].settings")
     except ConfigError as error:
         raise ConfigError(f"{config_path}: {error}") from None
+    return config
+
+
+def stream_config(config: Config, entry: StreamEntry, where: str = "settings") -> Config:
+    """`config` with a served stream's own settings applied.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, named as `where`.SECTION.KEY.
+    """
+    for section, changes in entry.settings.items():
+        try:
+            config = override(config, section, **changes)
+        except TypeError as error:  # an unknown key
+            raise ConfigError(f"{where}.{section}: {error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"{where}.{error}") from None
+    return config
 
 
 def apply_file(config: Config, path: str | Path) -> Config:

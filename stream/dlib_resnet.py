@@ -31,8 +31,10 @@ producer, IR version and opset, and no timestamps.
 
 from __future__ import annotations
 
+import builtins
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -203,7 +205,7 @@ class _Reader:
         data = self._take(4 * count)
         return np.frombuffer(data, dtype="<f4", count=count).astype(np.float32).reshape(shape)
 
-    def alias(self) -> tuple[int, ...]:
+    def alias(self) -> tuple[builtins.int, ...]:  # `int` in this class is the method
         """An alias_tensor (a view into a layer's parameters): only its shape is stored."""
         if self.int() != 1:
             raise DlibFormatError(f"unexpected alias_tensor version at byte {self.pos}")
@@ -361,7 +363,7 @@ class _Graph:
         self.initializers.append(self._numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def node(self, op: str, inputs: list[str], shape: tuple[int, ...], **attrs) -> str:
+    def node(self, op: str, inputs: list[str], shape: tuple[int, ...], **attrs: Any) -> str:
         output = self._name(op.lower())
         self.nodes.append(self._helper.make_node(op, inputs, [output], name=output, **attrs))
         self.shapes[output] = shape

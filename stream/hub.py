@@ -1,15 +1,17 @@
 """Many streams in one process, one batched estimator across them: `StreamHub`.
 
-Each `ServedStream` is `run`'s pipeline on its own (pipeline.build_stages: capture thread,
-detection for unpaced files, processing with its own detector, tracker, smoothing and
-identities) plus a consumer thread of its own that writes its outputs and keeps the latest
-result and annotated image for the web layer. Every stream's estimates go through the one
+Each `ServedStream` is `run`'s stages on its own (stream.stages: capture thread, detection for
+unpaced files, processing with its own detector, tracker, smoothing and identities) plus a
+thread of its own that drains their results into its sinks (stream.drain): its files with
+`store: video`, its `LiveView` (the latest result and annotated image for the web layer), the
+visits store and the events out. Every stream's estimates go through the one
 `EstimateBatcher` given to the hub, so the model runs batched across streams.
 
 Files are played like cameras (paced at their own frame rate, the newest frame wins and
-drops are counted) and repeat with `loop_files`; live sources reconnect as in `run`.
-Nothing here blocks on a stream: `add` returns at once, a source that fails to open marks
-its stream "failed", and every wait has a timeout.
+drops are counted) and repeat with `loop_files`; a camera that is down when it is added, or
+goes away later, is retried for ever ("reconnecting"). Nothing here blocks on a stream: `add`
+returns at once, a stream whose source fails for good is marked "failed", and every wait has a
+timeout.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import math
 import os
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,23 +33,13 @@ import numpy as np
 
 from estimators import Estimator
 from estimators.base import first_line
-from stream.buffers import END_OF_STREAM, Empty
-from stream.config import Config, OutputConfig
+from stream.config import Config, OutputConfig, StreamEntry, stream_config
+from stream.drain import BaseSink, HookSink, Sink, close_sinks, delivered, drain, start_sinks
 from stream.outputs import OutputError, check_output_paths, partial_path
-from stream.overlay import face_label_state, font_scale, gender_confidence, shown_age_range
-from stream.pipeline import (
-    POLL_S,
-    RunSummary,
-    Stages,
-    build_processor,
-    build_stages,
-    face_embedder,
-    make_source,
-    output_paths,
-    start_record,
-    stop_stages,
-    write_events,
-)
+from stream.overlay import Drawing, font_scale
+from stream.people_sinks import EventPublisher, EventsSink, VisitsSink
+from stream.pipeline import output_paths
+from stream.records import people_in_view
 from stream.sinks import RunOutputs
 from stream.sources import (
     URL_SCHEMES,
@@ -59,15 +50,27 @@ from stream.sources import (
     VideoSource,
     parse_source,
 )
+from stream.stages import (
+    RunSummary,
+    Stages,
+    build_processor,
+    build_stages,
+    face_embedder,
+    make_source,
+    stop_stages,
+    stream_start,
+)
 from stream.types import (
-    PERSON_AGE_GROUPS,
-    SHOWN_GENDERS,
+    AnnotatedFrame,
+    CountRow,
     FrameResult,
     StreamIdInUse,
+    StreamStart,
     StreamStatus,
     TrackStatus,
-    person_age_group,
+    Visit,
 )
+from stream.visits import VisitStore
 
 log = logging.getLogger(__name__)
 
@@ -76,53 +79,20 @@ STOP_TIMEOUT_S = 3.0
 FPS_WINDOW_S = 2.0
 LATENCY_FRAMES = 100
 JPEG_QUALITY = 80
-HISTORY_BIN_S = 10
-HISTORY_KEEP_S = 6 * 3600
 MAX_ID_CHARS = 64
 _VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 MAX_WEBCAM_DIGITS = 3
 # A stream's outputs, each written as NAME.partial.EXT until renamed to NAME.EXT.
 OUTPUT_SUFFIXES = (".mp4", ".jsonl", ".csv")
+# Source events a stream keeps for its sinks until they drain them (the newest win).
+MAX_WAITING_EVENTS = 100
 # While close() waits for streams still finalizing, it says which every this many seconds.
 CLOSE_REPORT_S = 5.0
 
 # Called on a stream's consumer thread with its id, each result and time.monotonic() when
 # its annotated frame is ready (`agestream bench --streams` measures with it).
 StreamResultHook = Callable[[str, FrameResult, float], None]
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def track_statuses(result: FrameResult, since_ms: dict[int, float]) -> tuple[TrackStatus, ...]:
-    """The confirmed people of `result`; `since_ms` maps a person to when it was confirmed."""
-    if result.track_ids is None:
-        return ()
-    tracks = []
-    for i, person in enumerate(result.track_ids):
-        if result.confirmed is not None and not result.confirmed[i]:
-            continue
-        age, p_male, gender = face_label_state(result, i)
-        uncertainty = math.inf if result.smoothed is None else result.smoothed.age_uncertainty[i]
-        confidence = gender_confidence(gender, p_male)
-        low, high = shown_age_range(result, i)
-        tracks.append(
-            TrackStatus(
-                track=int(person),
-                age=_finite(age),
-                age_uncertainty=_finite(float(uncertainty)),
-                age_low=_finite(low),
-                age_high=_finite(high),
-                gender=gender,
-                confidence=None if confidence is None else _finite(confidence),
-                seconds_in_view=round(
-                    (result.t_ms - since_ms.get(int(person), result.t_ms)) / 1000, 2
-                ),
-            )
-        )
-    return tuple(tracks)
 
 
 def _shown(text: str, limit: int = 200) -> str:
@@ -151,7 +121,7 @@ def checked(source: str) -> SourceSpec:
         spec = parse_source(source)
     except (SourceError, OSError, ValueError):  # OSError: a name too long; ValueError: a NUL
         spec = None
-    if spec is None or (spec.kind == "file" and not _decodes(spec.target)):
+    if spec is None or (spec.kind == "file" and not _decodes(str(spec.target))):
         raise ValueError(
             f"cannot open {_shown(text)}: no such video file, or not one this server can decode"
         )
@@ -167,58 +137,12 @@ def _decodes(path: str) -> bool:
         capture.release()
 
 
-class History:
-    """People in view per HISTORY_BIN_S bin over all streams: each (stream, person) counts
-    once per bin, with the age group and gender it last showed in it."""
+class LiveView(BaseSink):
+    """A served stream's latest result and annotated image, its rates and the people in view,
+    for the page and the API; `summary` counts its frames. Safe from any thread."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bins: dict[int, dict[tuple[str, int], tuple[str | None, str | None]]] = {}
-
-    def add(self, stream_id: str, tracks: tuple[TrackStatus, ...], now: float) -> None:
-        start = int(now // HISTORY_BIN_S) * HISTORY_BIN_S
-        with self._lock:
-            if start not in self._bins:
-                for old in [t for t in self._bins if t < now - HISTORY_KEEP_S]:
-                    del self._bins[old]
-            people = self._bins.setdefault(start, {})
-            for track in tracks:
-                group = None if track.age is None else person_age_group(track.age)
-                people[(stream_id, track.track)] = (group, track.gender)
-
-    def bins(self, minutes: float, now: float) -> list[dict]:
-        last = int(now // HISTORY_BIN_S) * HISTORY_BIN_S
-        first = int((now - minutes * 60) // HISTORY_BIN_S + 1) * HISTORY_BIN_S
-        rows = []
-        with self._lock:
-            for start in range(min(first, last), last + 1, HISTORY_BIN_S):
-                people = list(self._bins.get(start, {}).values())
-                groups = {name: 0 for name in PERSON_AGE_GROUPS}
-                genders = {name: 0 for name in SHOWN_GENDERS}
-                for group, gender in people:
-                    if group is not None:
-                        groups[group] += 1
-                    if gender in genders:
-                        genders[gender] += 1
-                rows.append(
-                    {"t": start, "people": len(people), "age_groups": groups, "genders": genders}
-                )
-        return rows
-
-
-class ServedStream(threading.Thread):
-    """One source of the hub: opens it, runs its stages and consumes their results on this
-    thread; `status`, `latest_jpeg` and `metrics` are safe from any thread."""
-
-    def __init__(
-        self, hub: StreamHub, stream_id: str, source: VideoSource, outputs: OutputConfig | None
-    ) -> None:
-        super().__init__(name=f"stream:{stream_id}", daemon=True)
-        self.hub, self.id, self.source, self.output = hub, stream_id, source, outputs
-        self.state, self.error = "starting", None
-        self.summary = RunSummary(source_id=source.source_id)
-        self.stages: Stages | None = None
-        self._events: deque[SourceEvent] = deque()
+    def __init__(self, summary: RunSummary) -> None:
+        self.summary = summary
         self._lock = threading.Lock()
         self._jpeg_lock = threading.Lock()
         self._latest: tuple[int, FrameResult, np.ndarray] | None = None
@@ -227,6 +151,86 @@ class ServedStream(threading.Thread):
         self._since_ms: dict[int, float] = {}
         self._done_at: deque[float] = deque()  # when the frames of the last FPS_WINDOW_S were
         self._latencies: deque[float] = deque(maxlen=LATENCY_FRAMES)
+
+    def frame(self, frame: AnnotatedFrame) -> None:
+        now, result = time.monotonic(), frame.result
+        tracks = people_in_view(frame, self._since_ms)
+        with self._lock:
+            self.summary.count(result)
+            self._latest = (self.summary.frames, result, frame.image)
+            self._tracks = tracks
+            self._done_at.append(now)
+            while now - self._done_at[0] > FPS_WINDOW_S:
+                self._done_at.popleft()
+            self._latencies.append((now - result.frame.timestamp) * 1000)
+
+    def rates(self) -> tuple[float, float | None]:
+        """FPS over the last FPS_WINDOW_S (0 once frames stop) and latency p95 in ms."""
+        with self._lock:
+            now = time.monotonic()
+            recent = [t for t in self._done_at if now - t <= FPS_WINDOW_S]
+            fps = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9) if len(recent) > 1 else 0.0
+            latencies = list(self._latencies)
+        p95 = round(float(np.percentile(latencies, 95)), 1) if latencies else None
+        return round(fps, 2), p95
+
+    def now(self) -> tuple[int, int, int, tuple[TrackStatus, ...]]:
+        """Frames and faces so far, faces in the latest frame, the people in view."""
+        with self._lock:
+            latest = self._latest
+            faces_now = len(latest[1].faces) if latest is not None else 0
+            return self.summary.frames, self.summary.faces, faces_now, self._tracks
+
+    def latest_jpeg(self, after: int = -1) -> tuple[int, bytes] | None:
+        """The newest annotated frame as JPEG, encoded once per frame and only when asked."""
+        with self._lock:
+            latest = self._latest
+        if latest is None or latest[0] <= after:
+            return None
+        with self._jpeg_lock:
+            if self._jpeg is None or self._jpeg[0] < latest[0]:
+                ok, data = cv2.imencode(".jpg", latest[2], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+                if not ok:
+                    return None
+                self._jpeg = (latest[0], data.tobytes())
+            return self._jpeg
+
+
+class _StateOnFirstFrame(BaseSink):
+    """Marks the stream running when its first frame is done."""
+
+    def __init__(self, stream: ServedStream) -> None:
+        self._stream = stream
+
+    def frame(self, frame: AnnotatedFrame) -> None:
+        if self._stream.state == "starting":
+            self._stream.state = "running"
+
+
+class ServedStream(threading.Thread):
+    """One source of the hub: opens it, runs its stages and drains their results into its
+    sinks on this thread; `status`, `latest_jpeg` and `metrics` are safe from any thread."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        stream_id: str,
+        source: VideoSource,
+        outputs: OutputConfig | None,
+        config: Config,
+        region: tuple[float, float, float, float] | None,
+    ) -> None:
+        super().__init__(name=f"stream:{stream_id}", daemon=True)
+        self.hub, self.id, self.source, self.output = hub, stream_id, source, outputs
+        # The hub's config with the stream's own settings; only faces centred in `region` count.
+        self.config, self.region = config, region
+        self.state = "starting"
+        self.error: str | None = None
+        self.summary = RunSummary(source_id=source.source_id)
+        self.live = LiveView(self.summary)
+        self.stages: Stages | None = None
+        # Bounded: a camera down for a day before it first answers would pile up its attempts.
+        self._events: deque[SourceEvent] = deque(maxlen=MAX_WAITING_EVENTS)
         source.on_event = self._on_event
 
     def stop(self) -> None:
@@ -247,105 +251,75 @@ class ServedStream(threading.Thread):
             log.warning("stream %s failed: %s", self.id, first_line(error))
             self.state, self.error = "failed", first_line(error)
 
+    def _sinks(self, stack: ExitStack, stream: StreamStart) -> list[Sink]:
+        """This stream's sinks, closed with `stack`: its files (with `store: video`), the live
+        view, the visits store, the events out and the hub's result hook."""
+        info, hub = self.source.info, self.hub
+        sinks: list[Sink] = []
+        stack.callback(close_sinks, sinks, self.summary.outputs)
+        if self.output is not None:
+            stamp = {"stream": self.id}
+            sinks.append(RunOutputs(self.output, info.width, info.height, info.fps, stamp))
+        sinks += [self.live, _StateOnFirstFrame(self)]
+        earlier: list[Visit] = []
+        if hub.store is not None:
+            earlier = self._end_earlier(hub.store, stream)
+            sinks.append(VisitsSink(hub.store))
+        if hub.publishers:
+            announce = self.config.events.home_assistant
+            sinks.append(EventsSink(hub.publishers, earlier, announce))
+        if hub.on_result is not None:
+            on_result = hub.on_result
+            sinks.append(HookSink(lambda result, now: on_result(self.id, result, now)))
+        return sinks
+
+    def _end_earlier(self, store: VisitStore, stream: StreamStart) -> list[Visit]:
+        """The visits an earlier incarnation of this camera left open, now ended."""
+        try:
+            return store.end_earlier(stream.camera, stream.run)
+        except Exception as error:  # noqa: BLE001 - the counts do not depend on it
+            log.warning("stream %s: cannot end earlier visits: %s", self.id, first_line(error))
+            return []
+
     def _serve(self, stack: ExitStack) -> bool:
-        """Open, build, run and consume; True when the source ended or the stream stopped."""
-        source, config = self.source, self.hub.config
-        info = stack.enter_context(source.open()).info
+        """Open, build, run and drain; True when the source ended or the stream stopped."""
+        source, config, hub = self.source, self.config, self.hub
+        stack.enter_context(source.open())  # a camera that is down: until it answers, or a stop
         if source.stop_event.is_set():
             return True
-        processor = build_processor(config, info, self.hub.estimator, stack, self.hub.embedder)
-        outputs = None
-        if self.output is not None:
-            outputs = RunOutputs(
-                self.output, info.width, info.height, info.fps, {"stream": self.id}
-            )
-            estimator_name = getattr(self.hub.estimator, "name", "")
-            outputs.write_event(start_record(info, source.file_path, estimator_name))
-            stack.callback(lambda: self.summary.outputs.extend(outputs.report()))
-            stack.enter_context(outputs)
-        scale = font_scale(info.width, info.height)
-        stages = build_stages(processor, source, config.source.queue_size, source.stop_event, scale)
+        info = source.info
+        processor = build_processor(config, info, hub.estimator, stack, hub.embedder, self.region)
+        stream = stream_start(self.id, source, getattr(hub.estimator, "name", ""))
+        sinks = self._sinks(stack, stream)
+        start_sinks(sinks, stream)
+        drawing = Drawing(
+            font_scale(info.width, info.height), config.output.hud, config.output.blur
+        )
+        stages = build_stages(
+            processor, source, config.source.queue_size, source.stop_event, drawing
+        )
         self.stages = stages
         stack.callback(stop_stages, stages, self.summary, source)
         gc.freeze()  # as in run: the models just loaded stay out of the collector's full passes
         for stage in stages.threads:
             stage.start()
-        self._consume(stages, outputs)
-        for stage in reversed(stages.threads):
-            if stage.error is not None:
-                raise stage.error
+        drain(delivered(stages, self._events), sinks, source.stop_event)
+        stages.raise_error()
         return True
-
-    def _consume(self, stages: Stages, outputs: RunOutputs | None) -> None:
-        while True:
-            try:
-                item = stages.results.get(timeout=POLL_S)
-            except Empty:
-                self._write_events(outputs, stages)
-                continue
-            self._write_events(outputs, stages)
-            if item is END_OF_STREAM:
-                return
-            annotated_at = time.monotonic()
-            result, image, ended = item
-            if outputs is not None:
-                outputs.tracks_ended(ended)
-                outputs.write(result, image)
-            self._keep(result, image, ended, annotated_at)
-
-    def _write_events(self, outputs: RunOutputs | None, stages: Stages) -> None:
-        if outputs is not None:
-            write_events(self._events, outputs, stages.processing.first_timestamp)
-        else:
-            self._events.clear()
-
-    def _keep(self, result: FrameResult, image: np.ndarray, ended: list[int], now: float) -> None:
-        """The latest result and image, the rates, the people in view and since when."""
-        for person in ended:
-            self._since_ms.pop(person, None)
-        if result.track_ids is not None:
-            for i, person in enumerate(result.track_ids):
-                if result.confirmed is None or result.confirmed[i]:
-                    self._since_ms.setdefault(int(person), result.t_ms)
-        tracks = track_statuses(result, self._since_ms)
-        with self._lock:
-            self.summary.count(result)
-            self._latest = (self.summary.frames, result, image)
-            self._tracks = tracks
-            self._done_at.append(now)
-            while now - self._done_at[0] > FPS_WINDOW_S:
-                self._done_at.popleft()
-            self._latencies.append((now - result.frame.timestamp) * 1000)
-        if self.state == "starting":
-            self.state = "running"
-        self.hub.people.add(self.id, tracks, time.time())
-        if self.hub.on_result is not None:
-            self.hub.on_result(self.id, result, now)
 
     @property
     def dropped(self) -> int:
         return self.stages.capture.drops if self.stages is not None else 0
 
-    def _rates(self) -> tuple[float, float | None]:
-        """FPS over the last FPS_WINDOW_S (0 once frames stop) and latency p95 in ms."""
-        with self._lock:
-            now = time.monotonic()
-            recent = [t for t in self._done_at if now - t <= FPS_WINDOW_S]
-            fps = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9) if len(recent) > 1 else 0.0
-            latencies = list(self._latencies)
-        p95 = round(float(np.percentile(latencies, 95)), 1) if latencies else None
-        return round(fps, 2), p95
-
     def status(self) -> StreamStatus:
-        fps, p95 = self._rates()
-        with self._lock:
-            latest, tracks, frames = self._latest, self._tracks, self.summary.frames
+        fps, p95 = self.live.rates()
+        frames, _, faces_now, tracks = self.live.now()
         return StreamStatus(
             id=self.id,
             source=self.source.source_id,
             state=self.state,
             fps=fps,
-            faces=len(latest[1].faces) if latest is not None else 0,
+            faces=faces_now,
             tracks=tracks,
             dropped=self.dropped,
             frames=frames,
@@ -354,27 +328,15 @@ class ServedStream(threading.Thread):
         )
 
     def metrics(self) -> dict:
-        fps, p95 = self._rates()
-        with self._lock:
-            frames, faces = self.summary.frames, self.summary.faces
+        fps, p95 = self.live.rates()
+        frames, faces, _, _ = self.live.now()
         return {
             "id": self.id, "frames": frames, "dropped": self.dropped, "fps": fps,
             "faces": faces, "latency_ms_p95": p95, "state": self.state,
         }  # fmt: skip
 
     def latest_jpeg(self, after: int = -1) -> tuple[int, bytes] | None:
-        """The newest annotated frame as JPEG, encoded once per frame and only when asked."""
-        with self._lock:
-            latest = self._latest
-        if latest is None or latest[0] <= after:
-            return None
-        with self._jpeg_lock:
-            if self._jpeg is None or self._jpeg[0] < latest[0]:
-                ok, data = cv2.imencode(".jpg", latest[2], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-                if not ok:
-                    return None
-                self._jpeg = (latest[0], data.tobytes())
-            return self._jpeg
+        return self.live.latest_jpeg(after)
 
 
 def _join_all(streams: list[ServedStream]) -> None:
@@ -407,6 +369,9 @@ class StreamHub:
         pace_files: play files at their own frame rate like cameras (newest frame wins);
             False reads them losslessly as fast as they are processed (`bench --streams`).
         on_result: called with each stream's results (see `StreamResultHook`).
+        store: the visits store every stream saves its people's visits into (the hub does
+            not close it), or None.
+        publishers: where every stream's person_entered / person_left events go.
     """
 
     def __init__(
@@ -418,6 +383,8 @@ class StreamHub:
         *,
         pace_files: bool = True,
         on_result: StreamResultHook | None = None,
+        store: VisitStore | None = None,
+        publishers: Sequence[EventPublisher] = (),
     ) -> None:
         self.config = config
         self.estimator = estimator
@@ -425,7 +392,8 @@ class StreamHub:
         self.loop_files = loop_files
         self.pace_files = pace_files
         self.on_result = on_result
-        self.people = History()  # for history()
+        self.store = store
+        self.publishers = tuple(publishers)
         self._streams: dict[str, ServedStream] = {}
         self._stopping: list[ServedStream] = []  # removed, still finalizing their outputs
         self._names: set[Path] = set()  # output names given to streams (see _new_name)
@@ -453,12 +421,13 @@ class StreamHub:
     def status(self, stream_id: str) -> StreamStatus:
         return self._stream(stream_id).status()
 
-    def _open_later(self, source: str) -> VideoSource:
+    def _open_later(self, source: str, config: Config) -> VideoSource:
         """The stream's unopened source; ValueError for a clearly bad one (see `checked`)."""
         spec = checked(source)
         if spec.kind == "file" and self.pace_files:
-            return SimulatedLiveSource(spec.target, loop=self.loop_files)
-        return make_source(self.config, source)
+            return SimulatedLiveSource(str(spec.target), loop=self.loop_files)
+        # A camera that is down now is retried for ever ("reconnecting"), never failed.
+        return make_source(config, source, wait_at_start=True)
 
     def _new_id(self, stream_id: str | None, source: VideoSource) -> str:
         """`stream_id` checked, or the next free default (file stem, or cam1, cam2, ...)."""
@@ -522,20 +491,29 @@ class StreamHub:
             raise ValueError(str(error)) from None
         return output
 
-    def add(self, source: str | VideoSource, stream_id: str | None = None) -> StreamStatus:
-        """Start serving `source` (a source argument, or an unopened `VideoSource`); returns at
-        once in state "starting".
+    def add(
+        self,
+        source: str | VideoSource,
+        stream_id: str | None = None,
+        entry: StreamEntry | None = None,
+    ) -> StreamStatus:
+        """Start serving `source` (a source argument, or an unopened `VideoSource`) with the
+        region and settings of `entry` (a config's stream entry); returns at once in state
+        "starting".
 
         Raises:
-            ValueError: one line: empty, malformed or duplicate id, missing file, closed hub.
+            ValueError: one line: empty, malformed or duplicate id, missing file, closed hub,
+                bad settings.
         """
-        video = source if isinstance(source, VideoSource) else self._open_later(str(source))
+        entry = entry or StreamEntry(source=str(source))
+        config = stream_config(self.config, entry)
+        video = source if isinstance(source, VideoSource) else self._open_later(str(source), config)
         with self._lock:
             if self._closed:
                 raise ValueError("the stream hub is closed")
             stream_id = self._new_id(stream_id, video)
             output = self._output_config(stream_id, video)
-            stream = ServedStream(self, stream_id, video, output)
+            stream = ServedStream(self, stream_id, video, output, config, entry.roi)
             self._streams[stream_id] = stream
             # Started under the lock: a remove() racing this add finds a thread it can join.
             stream.start()
@@ -559,10 +537,23 @@ class StreamHub:
     def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None:
         return self._stream(stream_id).latest_jpeg(after)
 
-    def history(self, minutes: float = 10.0) -> list[dict]:
-        """People in view per 10-s bin over all streams, the last `minutes`, oldest first:
-        `{"t": bin start (unix s), "people": n, "age_groups": {...}, "genders": {...}}`."""
-        return self.people.bins(minutes, time.time())
+    def counts(
+        self, start: float, end: float, camera: str | None = None, by: str = "hour"
+    ) -> list[CountRow]:
+        """People per camera, period, age group and gender from the visits store ([] without
+        one); ValueError for a bad range or `by`."""
+        if self.store is None:
+            if by not in ("hour", "day") or not start < end:
+                raise ValueError(f"by must be hour or day and from before to, got {by!r}")
+            return []
+        return self.store.counts(start, end, camera, by)
+
+    def cameras(self) -> list[str]:
+        """Every camera of the visits store and every stream now served, sorted."""
+        with self._lock:
+            served = set(self._streams)
+        stored = set(self.store.cameras()) if self.store is not None else set()
+        return sorted(served | stored)
 
     def metrics(self) -> dict:
         with self._lock:

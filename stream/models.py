@@ -470,15 +470,6 @@ def list_models(cache_dir: Path | str | None = None) -> list[ModelStatus]:
             path = cache / spec.filename
             source = " / ".join(s.description for s in spec.sources)
         present = path is not None and path.is_file()
-        verified = False
-        if present and isinstance(spec.sources, Packaged):
-            try:
-                _ensure_packaged(spec, spec.sources)
-                verified = True
-            except ModelError:
-                pass
-        elif present:
-            verified = sha256_of(path) == spec.sha256
         statuses.append(
             ModelStatus(
                 name=spec.name,
@@ -489,10 +480,23 @@ def list_models(cache_dir: Path | str | None = None) -> list[ModelStatus]:
                 sha256=spec.sha256,
                 path=path,
                 present=present,
-                verified=verified,
+                verified=_verified(spec, path),
             )
         )
     return statuses
+
+
+def _verified(spec: ModelSpec, path: Path | None) -> bool:
+    """Whether the model file at `path` is there and is the registered one."""
+    if path is None or not path.is_file():
+        return False
+    if isinstance(spec.sources, Packaged):
+        try:
+            _ensure_packaged(spec, spec.sources)
+        except ModelError:
+            return False
+        return True
+    return sha256_of(path) == spec.sha256
 
 
 def format_models_table(statuses: list[ModelStatus], cache_dir: Path | str | None = None) -> str:

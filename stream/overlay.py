@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream.types import GENDER_NAMES, FrameResult
+from stream.records import face_label_state, gender_confidence, shown_age_range
+from stream.types import Faces, FrameResult
 
 FEMALE_COLOUR = (180, 105, 255)  # BGR pink
 MALE_COLOUR = (255, 160, 60)  # BGR blue
@@ -32,9 +33,38 @@ class HudStats:
     dropped: int
 
 
-def gender_confidence(gender: str | None, p_male: float) -> float | None:
-    """The shown gender's probability (p_male, or 1 - p_male); None when no gender is shown."""
-    return {"male": p_male, "female": 1.0 - p_male}.get(gender)
+@dataclass(frozen=True)
+class Drawing:
+    """How a stream's frames are drawn: label font `scale`; `hud`: the rates line on top;
+    `blur`: every detected face blurred (labels stay), in everything written or served."""
+
+    scale: float
+    hud: bool = True
+    blur: bool = False
+
+
+# A face is blurred with a box filter this fraction of its box's larger side wide, twice:
+# features are gone (a 64 px face becomes a smooth blob) whatever the face's size.
+BLUR_FRACTION = 0.25
+# The blurred area reaches this fraction of the box beyond it on each side: BlazeFace's box
+# ends at the hairline and chin.
+BLUR_MARGIN = 0.2
+
+
+def blur_faces(image: np.ndarray, faces: Faces) -> np.ndarray:
+    """Blur each face of `faces` (all of them: confirmed or not) in `image`, in place."""
+    height, width = image.shape[:2]
+    for x1, y1, x2, y2 in faces.xyxy:
+        margin_x, margin_y = (x2 - x1) * BLUR_MARGIN, (y2 - y1) * BLUR_MARGIN
+        left, top = max(0, int(x1 - margin_x)), max(0, int(y1 - margin_y))
+        right, bottom = min(width, int(x2 + margin_x) + 1), min(height, int(y2 + margin_y) + 1)
+        if right - left < 2 or bottom - top < 2:
+            continue
+        region = image[top:bottom, left:right]
+        kernel = max(3, int(max(right - left, bottom - top) * BLUR_FRACTION) | 1)
+        for _ in range(2):
+            region[:] = cv2.blur(region, (kernel, kernel))
+    return image
 
 
 def age_text(age: float, age_range: tuple[float, float] = (math.nan, math.nan)) -> str:
@@ -44,16 +74,6 @@ def age_text(age: float, age_range: tuple[float, float] = (math.nan, math.nan)) 
     if math.isfinite(low) and math.isfinite(high):
         return f"{low:.0f}-{high:.0f}"
     return "" if math.isnan(age) else f"{age:.0f}"
-
-
-def shown_age_range(result: FrameResult, i: int) -> tuple[float, float]:
-    """Face `i`'s 80 % age range as shown: its track's, or its own estimate's without
-    tracking; NaN without one."""
-    if result.smoothed is not None:
-        return float(result.smoothed.age_low[i]), float(result.smoothed.age_high[i])
-    if result.estimates.age_low is not None and result.estimates.age_high is not None:
-        return float(result.estimates.age_low[i]), float(result.estimates.age_high[i])
-    return math.nan, math.nan
 
 
 def face_label(
@@ -141,20 +161,10 @@ def place_label(size: tuple[int, int], face: Box, frame: tuple[int, int], taken:
     return candidates[covered.index(min(covered))]
 
 
-def face_label_state(result: FrameResult, i: int) -> tuple[float, float, str | None]:
-    """Face `i`'s shown age, p_male and gender ("male", "female", "unsure", or None for an
-    estimator without gender): the smoothed track's where tracking ran; else (a result without
-    tracking, as `bench`'s naive loop makes) the raw estimate's side of 0.5."""
-    if result.smoothed is None:
-        p_male = float(result.estimates.p_male[i])
-        gender = None if math.isnan(p_male) else ("male" if p_male >= 0.5 else "female")
-        return float(result.estimates.age[i]), p_male, gender
-    smoothed = result.smoothed
-    return float(smoothed.age[i]), float(smoothed.p_male[i]), GENDER_NAMES[smoothed.gender[i]]
-
-
 def _face_colour(gender: str | None) -> tuple[int, int, int]:
-    return {"male": MALE_COLOUR, "female": FEMALE_COLOUR}.get(gender, NO_GENDER_COLOUR)
+    if gender == "male":
+        return MALE_COLOUR
+    return FEMALE_COLOUR if gender == "female" else NO_GENDER_COLOUR
 
 
 def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = None) -> np.ndarray:
@@ -179,7 +189,10 @@ def annotate(result: FrameResult, stats: HudStats | None, scale: float | None = 
         # drawn over the frame later.
         taken.append((0, 0, image.shape[1], rates[3] + (rates[3] - rates[1])))
     shown = [i for i in range(len(result.faces)) if result.confirmed is None or result.confirmed[i]]
-    boxes = {i: tuple(int(round(v)) for v in result.faces.xyxy[i]) for i in shown}
+    boxes: dict[int, Box] = {}
+    for i in shown:
+        x1, y1, x2, y2 = (int(round(v)) for v in result.faces.xyxy[i])
+        boxes[i] = (x1, y1, x2, y2)
     taken.extend(boxes.values())
     for i in shown:
         age, p_male, gender = face_label_state(result, i)

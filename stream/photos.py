@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Event
 
 import cv2
 import numpy as np
@@ -21,13 +22,15 @@ from estimators import Estimator, create_estimator
 from stream.align import pad_to_canvas
 from stream.analyzer import FaceAnalyzer
 from stream.config import Config, DetectorConfig, EstimatorConfig, OutputConfig, TrackingConfig
+from stream.drain import BaseSink, Sink, close_sinks, drain
 from stream.outputs import OutputError, check_output_paths, partial_path, write_whole
-from stream.overlay import annotate
-from stream.pipeline import face_checker
+from stream.overlay import annotate, blur_faces
 from stream.processor import FrameProcessor
-from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink, frame_record
+from stream.records import frame_record
+from stream.sinks import VIDEO_SUFFIXES, JsonLinesSink
 from stream.sources import read_image
-from stream.types import Faces, Frame, FrameResult
+from stream.stages import face_checker
+from stream.types import AnnotatedFrame, Faces, Frame, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ def still_image_estimator(config: EstimatorConfig, models_dir: str | None) -> Es
     """The estimator for still images: `config`'s, with `flip` on for estimators that have it
     unless the config sets it."""
     options = {name: dict(values) for name, values in config.options.items()}
-    for name in {config.name, config.age, config.gender} & set(FLIPPING_ESTIMATORS):
+    named = {name for name in (config.name, config.age, config.gender) if name is not None}
+    for name in named & set(FLIPPING_ESTIMATORS):
         options.setdefault(name, {}).setdefault("flip", True)
     return create_estimator(dataclasses.replace(config, options=options), models_dir)
 
@@ -363,39 +367,80 @@ class PhotoSummary:
         return text + "".join(f"; NOT written {line}" for line in self.not_written)
 
 
-def _report(summary: PhotoSummary, folder: Path | None, sink: JsonLinesSink | None) -> None:
-    if folder is not None:
-        summary.wrote.append(f"{folder} ({summary.images_written} images)")
-    if sink is None or str(sink.path) == "-":
-        return
-    if sink.finished:
-        summary.wrote.append(f"{sink.path} ({sink.lines_written} lines)")
-    else:
-        summary.not_written.append(f"{sink.path}: {sink.lines_written} lines kept in {sink.kept}")
+class PhotoCopies(BaseSink):
+    """Writes each labelled image's annotated copy into `folder` (resuming, one already there
+    is whole: written under a partial name, then renamed)."""
+
+    def __init__(self, folder: Path, resume: bool, summary: PhotoSummary) -> None:
+        self._folder, self._resume, self._summary = folder, resume, summary
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def frame(self, frame: AnnotatedFrame) -> None:
+        copy = self._folder / frame.result.frame.source_id
+        if not (self._resume and copy.exists()):
+            write_image(copy, frame.image)
+            self._summary.images_written += 1
+
+    def report(self) -> list[str]:
+        return [f"{self._folder} ({self._summary.images_written} images)"]
 
 
-def _label_image(
-    path: Path,
+class ImageRecords(BaseSink):
+    """One JSON line per labelled image, after the earlier run's lines when resuming."""
+
+    def __init__(self, path: str, kept: tuple[dict, ...]) -> None:
+        self._sink = JsonLinesSink(path)
+        for record in kept:
+            self._sink.write(record)
+
+    def frame(self, frame: AnnotatedFrame) -> None:
+        self._sink.write(image_record(frame.result.frame.source_id, frame.result))
+
+    def close(self) -> None:
+        self._sink.close()
+
+    def report(self) -> list[str]:
+        sink = self._sink
+        if str(sink.path) == "-":
+            return []
+        if sink.finished:
+            return [f"{sink.path} ({sink.lines_written} lines)"]
+        return [f"NOT written {sink.path}: {sink.lines_written} lines kept in {sink.kept}"]
+
+
+class PhotoCounts(BaseSink):
+    """Counts the labelled images and their faces into the summary."""
+
+    def __init__(self, summary: PhotoSummary) -> None:
+        self._summary = summary
+
+    def frame(self, frame: AnnotatedFrame) -> None:
+        self._summary.images += 1
+        self._summary.faces += len(frame.result.faces)
+
+
+def _labelled(
+    images: list[Path],
     labeller: PhotoLabeller,
     outputs: PhotoOutputs,
-    sink: JsonLinesSink | None,
+    output: OutputConfig,
     summary: PhotoSummary,
-) -> None:
-    """One image to its outputs; one that cannot be read is skipped (read_image says why)."""
-    image = read_image(path, path.name)
-    if image is None:
-        summary.skipped += 1
-        return
-    result = labeller.label(image, path.name)
-    copy = None if outputs.folder is None else outputs.folder / path.name
-    # Resuming, an annotated copy already there is whole (written under a partial name).
-    if copy is not None and not (outputs.resume and copy.exists()):
-        write_image(copy, annotate(result, None))
-        summary.images_written += 1
-    if sink is not None:
-        sink.write(image_record(path.name, result))
-    summary.images += 1
-    summary.faces += len(result.faces)
+) -> Iterator[AnnotatedFrame]:
+    """Each image labelled (and annotated when copies are written), in order; those done by
+    an earlier run, unreadable or too large are counted and left out."""
+    for path in tqdm(images, unit="image", disable=None, leave=False):
+        if path.name in outputs.done:
+            summary.done_before += 1
+            continue
+        image = read_image(path, path.name)
+        if image is None:
+            summary.skipped += 1
+            continue
+        result = labeller.label(image, path.name)
+        if output.blur:
+            blur_faces(image, result.faces)
+        drawn = image if outputs.folder is None else annotate(result, None)
+        yield AnnotatedFrame(result, drawn)
 
 
 def run_images(config: Config, source: Path, summary: PhotoSummary, resume: bool = False) -> None:
@@ -418,18 +463,22 @@ def run_images(config: Config, source: Path, summary: PhotoSummary, resume: bool
     with ExitStack() as stack:
         detectors = DetectorsByModel(config.detector, config.models_dir, stack)
         labeller = PhotoLabeller(detectors, estimator, face_checker(config, stack), config.tracking)
+        sinks: list[Sink] = []
+        # Reported once closed: a file whose finishing failed is not reported as written.
+        reported: list[str] = []
+        stack.callback(_report, summary, reported)
+        stack.callback(close_sinks, sinks, reported)
         if outputs.folder is not None:
-            outputs.folder.mkdir(parents=True, exist_ok=True)
-        sink = None if outputs.json is None else JsonLinesSink(outputs.json)
-        # Reported after the JSON lines close (last in, first out): a file whose finishing
-        # failed is not reported as written.
-        stack.callback(_report, summary, outputs.folder, sink)
-        if sink is not None:
-            stack.enter_context(sink)
-            for record in outputs.kept:
-                sink.write(record)
-        for path in tqdm(images, unit="image", disable=None, leave=False):
-            if path.name in outputs.done:
-                summary.done_before += 1
-            else:
-                _label_image(path, labeller, outputs, sink, summary)
+            sinks.append(PhotoCopies(outputs.folder, outputs.resume, summary))
+        if outputs.json is not None:
+            sinks.append(ImageRecords(outputs.json, outputs.kept))
+        sinks.append(PhotoCounts(summary))
+        drain(_labelled(images, labeller, outputs, config.output, summary), sinks, Event())
+
+
+def _report(summary: PhotoSummary, reported: list[str]) -> None:
+    for line in reported:
+        if line.startswith("NOT written "):
+            summary.not_written.append(line.removeprefix("NOT written "))
+        else:
+            summary.wrote.append(line)

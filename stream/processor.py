@@ -13,7 +13,7 @@ from stream.analyzer import FaceAnalyzer
 from stream.appearance import Identities
 from stream.config import TrackingConfig
 from stream.cuts import CutDetector, face_looks, scene_signature
-from stream.smoothing import TrackSmoother, view_quality
+from stream.smoothing import TrackSmoother, TrackState, view_quality
 from stream.tracking import Tracker
 from stream.types import Estimates, Faces, Frame, FrameResult
 
@@ -33,26 +33,61 @@ class Detected:
     scene: np.ndarray | None = None
     looks: np.ndarray | None = None
 
+    def found(self) -> tuple[np.ndarray, Faces]:
+        """The RGB image and its faces; raises the error that stopped the detection."""
+        if self.error is not None:
+            raise self.error
+        assert self.image_rgb is not None and self.faces is not None, "set when no error"
+        return self.image_rgb, self.faces
+
 
 def _scatter(estimates: Estimates, mask: np.ndarray) -> Estimates:
     """Full-length estimates with NaN where `mask` is False."""
-    columns = {}
-    for name in ("age", "p_male", "age_confidence", "age_std", "age_low", "age_high"):
-        values = getattr(estimates, name)
-        if values is None:
-            continue
+
+    def scattered(values: np.ndarray) -> np.ndarray:
         column = np.full(len(mask), np.nan, np.float32)
         column[mask] = values
-        columns[name] = column
-    return Estimates(**columns)
+        return column
+
+    def optional(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else scattered(values)
+
+    return Estimates(
+        scattered(estimates.age),
+        scattered(estimates.p_male),
+        scattered(estimates.age_confidence),
+        age_std=optional(estimates.age_std),
+        age_low=optional(estimates.age_low),
+        age_high=optional(estimates.age_high),
+    )
+
+
+def in_region(
+    faces: Faces, region: tuple[float, float, float, float], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Which faces have their box's centre inside `region` (fractions of the frame)."""
+    height, width = shape[:2]
+    centre_x = (faces.xyxy[:, 0] + faces.xyxy[:, 2]) / 2 / width
+    centre_y = (faces.xyxy[:, 1] + faces.xyxy[:, 3]) / 2 / height
+    left, top, right, bottom = region
+    return (centre_x >= left) & (centre_x < right) & (centre_y >= top) & (centre_y < bottom)
 
 
 class FrameProcessor:
     """Owns the tracker, the identities and the smoothing state of one source; not
     thread-safe by design: one processing thread calls it, so it needs no locks."""
 
-    def __init__(self, analyzer: FaceAnalyzer, tracking: TrackingConfig, fps: float) -> None:
+    def __init__(
+        self,
+        analyzer: FaceAnalyzer,
+        tracking: TrackingConfig,
+        fps: float,
+        region: tuple[float, float, float, float] | None = None,
+    ) -> None:
         self.analyzer = analyzer
+        # Only faces whose box centre is in this part of the frame (fractions of its width and
+        # height) are tracked, labelled and counted; None: the whole frame.
+        self.region = region
         identity = tracking.identity_distance if analyzer.embedder is not None else 0.0
         self.tracker = Tracker(
             fps, tracking.lifetime_s, tracking.iou_threshold, tracking.min_hits,
@@ -60,7 +95,7 @@ class FrameProcessor:
             max(1, round(tracking.identity_check_s * fps)), round(tracking.identity_wait_s * fps),
         )  # fmt: skip
         self.cuts = CutDetector(tracking.cut_threshold)
-        self.identities = Identities(
+        self.identities: Identities[TrackState] = Identities(
             tracking.reid_s, tracking.reid_distance, tracking.reid_similarity
         )
         self.smoother = TrackSmoother(tracking, fps)
@@ -72,6 +107,8 @@ class FrameProcessor:
         timings: dict[str, float] = {}
         try:
             image_rgb, faces = self.analyzer.detect(frame.image, timings)
+            if self.region is not None:
+                faces = faces[in_region(faces, self.region, frame.image.shape)]
             at = time.perf_counter()
             scene = scene_signature(frame.image) if self.cuts.threshold > 0 else None
             looks = face_looks(frame.image, faces.xyxy) if self.tracker.identity_threshold else None
@@ -84,11 +121,9 @@ class FrameProcessor:
         """Track, identify, estimate the faces that need it, smooth; also the people whose
         records are complete with this frame (gone for longer than re-identification waits).
         Raises the detection's error."""
-        if detected.error is not None:
-            raise detected.error
-        frame, faces, timings = detected.frame, detected.faces, dict(detected.timings)
+        image_rgb, faces = detected.found()
+        frame, timings = detected.frame, dict(detected.timings)
         started = time.perf_counter()
-        image_rgb = detected.image_rgb
 
         def identify(due: Faces) -> np.ndarray:
             at = time.perf_counter()
@@ -116,7 +151,7 @@ class FrameProcessor:
             update.track_ids, update.confirmed, quality, frame.index
         )
         timings["track"] = (time.perf_counter() - started) * 1000
-        estimates, wanted = self._estimate(detected, wanted, timings)
+        estimates, wanted = self._estimate(frame.index, image_rgb, faces, wanted, timings)
         self.smoother.add_estimates(
             update.track_ids[wanted], estimates, quality[wanted], frame.index
         )
@@ -137,16 +172,20 @@ class FrameProcessor:
         return result, gone
 
     def _estimate(
-        self, detected: Detected, wanted: np.ndarray, timings: dict[str, float]
+        self,
+        frame_index: int,
+        image_rgb: np.ndarray,
+        faces: Faces,
+        wanted: np.ndarray,
+        timings: dict[str, float],
     ) -> tuple[Estimates, np.ndarray]:
         """Estimates of the `wanted` faces, and which faces they are. When the estimator fails
         (a model error, a shared batcher's timeout) the frame gets none, logged, and keeps its
         faces, tracks and the labels so far: one bad call never blanks a frame."""
         try:
-            faces = detected.faces[wanted]
-            return self.analyzer.estimate(detected.image_rgb, faces, timings), wanted
+            return self.analyzer.estimate(image_rgb, faces[wanted], timings), wanted
         except Exception as error:
-            log.warning("frame %d: estimates skipped: %s", detected.frame.index, error)
+            log.warning("frame %d: estimates skipped: %s", frame_index, error)
             empty = np.zeros((0,), np.float32)
             return Estimates(empty, empty, empty), np.zeros(len(wanted), bool)
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from estimators import create_estimator
 from stream.batcher import EstimateBatcher
 from stream.config import Config, StreamEntry
 from stream.hub import StreamHub
-from stream.pipeline import ignore_interrupts_while_finishing
+from stream.site_outputs import HourlyCounts, open_publishers, store_target, video_dir
+from stream.stages import ignore_interrupts_while_finishing
+from stream.visits import open_store, redacted
 from stream.web import check_exposure, serve_forever
 
 log = logging.getLogger(__name__)
@@ -43,27 +46,57 @@ def serve(config: Config, options: ServeOptions, stop: threading.Event) -> list[
     """Serve until `stop` is set or Ctrl-C/SIGTERM (KeyboardInterrupt: how a server is meant
     to stop); returns each stream's summary once every output is finalized. Refuses
     (ConfigError) to expose the server beyond this machine without a token, before anything
-    loads."""
+    loads.
+
+    Every stream's people are kept as visits in the store (`store_target`); with `store:
+    video` each stream also writes its annotated video, JSON lines and tracks CSV.
+    """
     settings = config.serve
     check_exposure(settings.host, options.token)
+    output_dir = video_dir(settings)
     entries = starting_streams(config, options.sources)
     if not entries:
         log.warning("no source given: add streams on the page or with POST /api/streams")
-    estimator = create_estimator(config.estimator, config.models_dir)
-    with (
-        EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms) as batcher,
-        StreamHub(config, batcher, settings.output_dir, settings.loop) as hub,
-    ):
-        try:  # a signal while the streams start still finalizes those started
-            for entry in entries:
-                hub.add(str(entry.source), entry.id)
-            serve_forever(
-                hub, settings.host, settings.port, options.token, stop,
-                allowed_hosts=settings.allowed_hosts,
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            log.info("stopping: finalizing every stream's outputs")
-        finally:
-            ignore_interrupts_while_finishing()
-            summaries = hub.close()
+    with ExitStack() as stack:
+        target = store_target(settings)
+        store = stack.enter_context(open_store(target))
+        kept = f"annotated video in {output_dir}" if output_dir else "no image or video"
+        log.info("keeping visits and counts in %s; %s", redacted(target), kept)
+        publishers = open_publishers(config.events, stack)
+        estimator = create_estimator(config.estimator, config.models_dir)
+        batcher = stack.enter_context(
+            EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms)
+        )
+        hub = StreamHub(
+            config, batcher, output_dir, settings.loop, store=store, publishers=publishers
+        )
+        return _run_hub(hub, entries, config, options, stop)
+
+
+def _run_hub(
+    hub: StreamHub,
+    entries: list[StreamEntry],
+    config: Config,
+    options: ServeOptions,
+    stop: threading.Event,
+) -> list[str]:
+    """Start the streams and the web server; close the hub however serving ends."""
+    settings = config.serve
+    announcer_stop = threading.Event()
+    try:  # a signal while the streams start still finalizes those started
+        for entry in entries:
+            hub.add(str(entry.source), entry.id, entry)
+        if hub.publishers and hub.store is not None:
+            # After the adds: the first counts name every camera.
+            HourlyCounts(hub.store, hub.publishers, hub.cameras, announcer_stop).start()
+        serve_forever(
+            hub, settings.host, settings.port, options.token, stop,
+            allowed_hosts=settings.allowed_hosts,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        log.info("stopping: finalizing every stream's outputs")
+    finally:
+        ignore_interrupts_while_finishing()
+        announcer_stop.set()
+        summaries = hub.close()
     return summaries

@@ -1,5 +1,6 @@
-"""File outputs of a run: annotated video file, JSON lines, tracks CSV. Each is a context
-manager so that whatever was written is finalized on normal end, on errors and on Ctrl-C."""
+"""File outputs of a stream: annotated video file, JSON lines, tracks CSV, and `RunOutputs`, the
+sink that writes them together. Each is a context manager so that whatever was written is
+finalized on normal end, on errors and on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+from typing import Self, TypeVar
 
 import av
 import cv2
 import numpy as np
 
 from stream.config import OutputConfig
-from stream.outputs import OutputError, PartialFile, json_number
-from stream.overlay import face_label_state, shown_age_range
+from stream.drain import BaseSink
+from stream.outputs import OutputError, PartialFile
+from stream.records import event_record, frame_record, start_record
+from stream.sources import SourceEvent
 from stream.track_report import TrackLedger, TrackSummary
-from stream.types import FrameResult
+from stream.types import AnnotatedFrame, StreamStart
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +58,14 @@ class _FileSink:
         else:
             self._file.commit()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+FileSinkT = TypeVar("FileSinkT", bound=_FileSink)
 
 
 class VideoFileSink(_FileSink):
@@ -68,6 +75,8 @@ class VideoFileSink(_FileSink):
     few seconds, so the partial file stays playable up to the last second or two however
     the run ends (SIGKILL, power loss); browsers and phones play H.264.
     """
+
+    _file: PartialFile  # never standard output
 
     def __init__(self, path: str | Path, width: int, height: int, fps: float) -> None:
         self.path = Path(path)
@@ -102,7 +111,8 @@ class VideoFileSink(_FileSink):
         width, height = self._size
         # OpenCV's SIMD BGR to I420 (BT.601, limited range, as swscale's) costs a third of
         # the encoder's own bgr24 conversion.
-        planes = cv2.cvtColor(np.ascontiguousarray(image[:height, :width]), cv2.COLOR_BGR2YUV_I420)
+        bgr = np.ascontiguousarray(image[:height, :width])
+        planes = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8)
         frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
         frame.pts = self.frames_written
         self._mux(self._stream.encode(frame))
@@ -140,46 +150,6 @@ class VideoFileSink(_FileSink):
         self._file.commit()
 
 
-def frame_record(result: FrameResult) -> dict:
-    """The JSON-lines record of one frame: smoothed values where tracking ran, with the
-    frame's raw estimate beside them (null where the face was not estimated this frame). A
-    face whose track is not confirmed has no track, age or gender: it is not shown either."""
-    raw = result.estimates
-    faces = []
-    for i, (box, score) in enumerate(zip(result.faces.xyxy, result.faces.score)):
-        shown = result.confirmed is None or bool(result.confirmed[i])
-        age, p_male, gender = face_label_state(result, i) if shown else (math.nan,) * 2 + (None,)
-        face = {
-            "box": [round(float(v), 1) for v in box],
-            "score": round(float(score), 4),
-            "track": int(result.track_ids[i]) if result.track_ids is not None and shown else None,
-            "age": json_number(age, 2),
-            "gender": gender,
-            "p_male": json_number(p_male, 4),
-        }
-        low, high = shown_age_range(result, i) if shown else (math.nan, math.nan)
-        face["age_low"], face["age_high"] = json_number(low, 1), json_number(high, 1)
-        if result.smoothed is not None:
-            uncertainty = result.smoothed.age_uncertainty[i] if shown else math.nan
-            face["age_uncertainty"] = json_number(uncertainty, 2)
-            # This frame's own 80 % range; null for estimators without one.
-            face["age_low_raw"] = face["age_high_raw"] = None
-            if raw.age_low is not None and raw.age_high is not None:
-                face["age_low_raw"] = json_number(raw.age_low[i], 1)
-                face["age_high_raw"] = json_number(raw.age_high[i], 1)
-            face["age_raw"] = json_number(raw.age[i], 2)
-            face["p_male_raw"] = json_number(raw.p_male[i], 4)
-            # The spread of this frame's age distribution; null for estimators without one.
-            face["age_std_raw"] = None if raw.age_std is None else json_number(raw.age_std[i], 2)
-        if result.quality is not None:
-            face["quality"] = round(float(result.quality[i]), 4)
-        faces.append(face)
-    record = {"frame": result.frame.index, "t_ms": round(result.t_ms, 3), "faces": faces}
-    if result.cut:
-        record["cut"] = True  # a new shot: no track continues into it
-    return record
-
-
 class JsonLinesSink(_FileSink):
     """One JSON record per line, written whole or not at all, so that a run killed at any
     moment leaves only whole lines; "-" writes to standard output."""
@@ -214,6 +184,8 @@ class TrackCsvSink(_FileSink):
     """One row per track, written when the track ends; each row whole, so a killed run keeps
     the rows of the tracks that had ended."""
 
+    _file: PartialFile  # never standard output
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file = PartialFile(self.path, "tracks CSV")
@@ -238,9 +210,9 @@ class TrackCsvSink(_FileSink):
             self.rows_written += len(rows)
 
 
-class RunOutputs:
-    """A run's file outputs, opened together, each finalized on its own whatever happens to the
-    others; `report` says which are whole ("wrote …") and which are not.
+class RunOutputs(BaseSink):
+    """A stream's file outputs, opened together, each finalized on its own whatever happens to
+    the others; `report` says which are whole ("wrote …") and which are not.
 
     Frames reach it in the order they were processed: the video and the JSON lines get
     every frame, the tracks CSV a row per track built from those same frames.
@@ -270,26 +242,31 @@ class RunOutputs:
             self.close()
             raise
 
-    def _open(self, sink):
+    def _open(self, sink: FileSinkT) -> FileSinkT:
         self._opened.append(sink)
         return sink
 
-    def write(self, result: FrameResult, image: np.ndarray) -> None:
+    def start(self, stream: StreamStart) -> None:
+        self._write_record(start_record(stream))
+
+    def frame(self, frame: AnnotatedFrame) -> None:
         """One processed frame to every output."""
         if self.video is not None:
-            self.video.write(image)
-        if self.json is not None:
-            self.json.write({**self._stamp, **frame_record(result)})
-        self._ledger.add(result)
+            self.video.write(frame.image)
+        self._write_record(frame_record(frame.result))
+        self._ledger.add(frame.result)
 
-    def write_event(self, record: dict) -> None:
-        if self.json is not None:
-            self.json.write({**self._stamp, **record})
+    def source_event(self, event: SourceEvent, t_ms: float) -> None:
+        self._write_record(event_record(event, t_ms))
 
-    def tracks_ended(self, track_ids: list[int]) -> None:
-        summaries = self._ledger.end(track_ids)
+    def people_left(self, people: tuple[int, ...], t_ms: float) -> None:
+        summaries = self._ledger.end(list(people))
         if self.tracks is not None:
             self.tracks.write_all(summaries)
+
+    def _write_record(self, record: dict) -> None:
+        if self.json is not None:
+            self.json.write({**self._stamp, **record})
 
     def close(self) -> None:
         """Finalize every output; the first failure is raised once all were tried."""

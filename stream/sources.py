@@ -1,12 +1,12 @@
 """Video sources (webcams, network streams, files), the thread that reads them, and still images.
 
-`VideoSource` opens a capture and fails fast with `SourceError`; `CaptureThread`
-reads it into a `FrameBuffer` (lossless for files, newest-wins for live sources)
-and always ends the stream with `END_OF_STREAM`. A URL source that stops
-delivering frames after a successful open reconnects inside `VideoSource.read`
-with capped exponential backoff, reporting `SourceEvent`s; it inserts no
-placeholder frames, and files and webcams never reconnect. `read_image` checks a still
-image's size in its header before decoding it.
+`VideoSource` opens a capture and fails fast with `SourceError` (a URL source built with
+`wait_at_start` waits for its camera instead); `CaptureThread` reads it into a `FrameBuffer`
+(lossless for files, newest-wins for live sources) and always ends the stream with
+`END_OF_STREAM`. A URL source that stops delivering frames after a successful open reconnects
+inside `VideoSource.read` with capped exponential backoff, forever, reporting `SourceEvent`s;
+it inserts no placeholder frames, and files and webcams never reconnect. `read_image` checks a
+still image's size in its header before decoding it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,18 @@ END_PUT_TIMEOUT_S = 1.0
 
 # How often a reconnect in progress looks at the stop event.
 STOP_POLL_S = 0.05
+
+# A source that stays down logs each of its first attempts, then one line a minute, so that an
+# outage of hours stays readable.
+LOGGED_ATTEMPTS = 5
+QUIET_LOG_INTERVAL_S = 60.0
+
+# A connect attempt still running this long after its open and read timeouts should have ended
+# it is reported as hung.
+HUNG_CONNECT_GRACE_S = 2.0
+
+# Ports of rtsp(s):// URLs that name none.
+RTSP_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322}
 
 # FFmpeg reads its capture options from this variable when a capture opens.
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
@@ -184,7 +197,10 @@ class ReconnectPolicy:
 
     def delay_s(self, attempt: int) -> float:
         """Wait before attempt number `attempt` (1-based)."""
-        return min(self.initial_s * 2 ** (attempt - 1), self.max_s)
+        # Doubling stops at the cap: 2 ** attempt overflows a float after about an hour of
+        # attempts every 4 s.
+        doublings = min(attempt - 1, math.ceil(math.log2(self.max_s / self.initial_s)))
+        return min(self.initial_s * 2**doublings, self.max_s)
 
 
 @dataclass(frozen=True)
@@ -192,10 +208,13 @@ class SourceEvent:
     """Something that happened to a live source, for the log and the JSON lines.
 
     Attributes:
-        kind: "reconnecting" (before each attempt) or "reconnected".
+        kind: "reconnecting" (before each attempt) or "reconnected" (also when a source that
+            was down at start, see `VideoSource`'s `wait_at_start`, first connects).
         timestamp: time.monotonic() when it happened.
-        attempt: 1 for the first attempt after a loss, counting up until it succeeds.
-        down_s: for "reconnected", seconds since the loss was noticed; else None.
+        attempt: 1 for the first attempt after a loss (or after the failed first connect),
+            counting up until it succeeds.
+        down_s: for "reconnected", seconds since the loss was noticed (or since `open` began);
+            else None.
     """
 
     kind: Literal["reconnecting", "reconnected"]
@@ -263,7 +282,8 @@ class VideoSource:
     A URL source that is lost after a successful `open` reconnects in `read`
     (see `ReconnectPolicy`), emitting `SourceEvent`s to `on_event`; `stop_event`
     ends the attempts within `STOP_POLL_S`, even while a connection attempt is
-    still blocked in FFmpeg.
+    still blocked in FFmpeg. With `wait_at_start`, a URL source that cannot be opened
+    is retried the same way inside `open` (see there).
 
     Args:
         spec: source argument (see `parse_source`) or an already parsed `SourceSpec`.
@@ -272,7 +292,11 @@ class VideoSource:
         rtsp_transport: "tcp" (no packet loss, passes NAT) or "udp", for rtsp:// URLs.
         reconnect: backoff for URL sources; None turns reconnection off.
         stop_event: set to end a reconnect in progress (`read` then returns None).
-        on_event: called with each `SourceEvent`, on the reading thread.
+        on_event: called with each `SourceEvent`, on the reading thread (or `open`'s).
+        wait_at_start: a URL source (a camera that may be down or still booting) that
+            cannot be opened is retried in `open` until it connects or `stop_event` is set,
+            instead of failing. Webcam indices and files still fail at once: a missing
+            device or file does not come back by waiting.
     """
 
     def __init__(
@@ -285,6 +309,7 @@ class VideoSource:
         reconnect: ReconnectPolicy | None = ReconnectPolicy(),
         stop_event: threading.Event | None = None,
         on_event: Callable[[SourceEvent], None] | None = None,
+        wait_at_start: bool = False,
     ) -> None:
         for name, value in (
             ("open_timeout_ms", open_timeout_ms),
@@ -302,6 +327,9 @@ class VideoSource:
         self.read_timeout_ms = read_timeout_ms
         self.rtsp_transport = rtsp_transport
         self.reconnect = reconnect if self.spec.kind == "url" else None
+        self.wait_at_start = wait_at_start and self.spec.kind == "url"
+        if self.wait_at_start and reconnect is None:
+            raise ValueError("VideoSource wait_at_start needs a reconnect policy, but got None")
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.on_event = on_event
         self.reconnects = 0
@@ -321,6 +349,11 @@ class VideoSource:
 
     @property
     def info(self) -> SourceInfo:
+        if self._info is None and self.wait_at_start and self.stop_event.is_set():
+            raise SourceError(
+                f"video source {self.source_id} was stopped before it connected; check "
+                "stop_event after open()"
+            )
         if self._info is None:
             raise SourceError(f"video source {self.source_id} is not open; call open() first")
         return self._info
@@ -336,14 +369,25 @@ class VideoSource:
         A URL of a finite video (an mp4 on a web server) is read like a file: losslessly,
         to its end, without reconnecting.
 
+        With `wait_at_start`, a URL that cannot be opened is retried with the backoff of
+        `reconnect`, forever, each attempt announced by a "reconnecting" `SourceEvent`;
+        once it connects, a "reconnected" event with `down_s` follows and `open` returns.
+        When `stop_event` is set (already, or within `STOP_POLL_S` while waiting) it returns
+        without connecting: `info` then raises `SourceError` and `read` returns None, so
+        the caller checks `stop_event` after `open` and ends the stream.
+
         Raises:
-            SourceError: it cannot be opened or yields no first frame.
+            SourceError: it cannot be opened or yields no first frame (with `wait_at_start`,
+                for webcams and files only).
         """
-        capture, first = self._connect()
+        connected = self._first_connect()
+        if connected is None:
+            return self
+        capture, first = connected
         fps = capture.get(cv2.CAP_PROP_FPS)
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if self.spec.kind != "webcam" else 0
         finite = self.spec.kind == "file" or (
-            count > 0 and self.spec.target.lower().startswith(("http://", "https://"))
+            count > 0 and str(self.spec.target).lower().startswith(("http://", "https://"))
         )
         self._finite = finite
         if finite:
@@ -392,7 +436,7 @@ class VideoSource:
             params += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, self.read_timeout_ms]
             with _ENV_LOCK:
                 saved = os.environ.get(FFMPEG_OPTIONS_ENV)
-                if self.spec.target.lower().startswith(("rtsp://", "rtsps://")):
+                if str(self.spec.target).lower().startswith(("rtsp://", "rtsps://")):
                     os.environ[FFMPEG_OPTIONS_ENV] = f"rtsp_transport;{self.rtsp_transport}"
                 try:
                     capture = cv2.VideoCapture(self.spec.target, cv2.CAP_FFMPEG, params)
@@ -489,76 +533,174 @@ class VideoSource:
 
     def _reconnect(self) -> np.ndarray | None:
         """Reconnect until it works or `stop_event` is set; the first new image, or None."""
-        assert self.reconnect is not None
         lost_at = time.monotonic()
         with self._lock:
             if self._capture is not None:
                 self._capture.release()
-        attempt = 0
+        retried = self._retry(lost_at, "lost video source")
+        if retried is None:
+            return None
+        capture, first, attempt = retried
+        with self._lock:
+            if self._capture is None:  # closed meanwhile
+                capture.release()
+                return None
+            self._capture = capture
+        self._report_up(lost_at, attempt, "reconnected to")
+        return self._shrunk(first)
+
+    def _first_connect(self) -> tuple[cv2.VideoCapture, np.ndarray] | None:
+        """The first capture and its first frame; None when `stop_event` ended a wait at start.
+
+        Raises:
+            SourceError: it cannot be opened and does not wait at start.
+        """
+        if not self.wait_at_start:
+            return self._connect()
+        started = time.monotonic()
+        if self.stop_event.is_set():
+            return None
+        outcome = self._connect_unless_stopped()
+        if not isinstance(outcome, SourceError):
+            return outcome
+        log.warning("%s; retrying until it connects or the stream is stopped", outcome)
+        retried = self._retry(started, "waiting for video source")
+        if retried is None:
+            return None
+        capture, first, attempt = retried
+        self._report_up(started, attempt, "connected to")
+        return capture, first
+
+    def _retry(
+        self, down_since: float, lost: str
+    ) -> tuple[cv2.VideoCapture, np.ndarray, int] | None:
+        """Connect attempts with the backoff of `reconnect` until one works (its capture, first
+        image and attempt number) or `stop_event` is set (None); `lost` begins the log lines.
+
+        Each attempt is announced by a "reconnecting" event. Nothing is kept per attempt: each
+        connect thread has ended (or was abandoned on stop) before the next attempt begins.
+        """
+        assert self.reconnect is not None
+        attempt, logged_at = 0, time.monotonic()
         while not self.stop_event.is_set():
             attempt += 1
             delay = self.reconnect.delay_s(attempt)
-            log.warning(
-                "lost video source %s: reconnecting in %.2f s (attempt %d)",
-                self.source_id,
-                delay,
-                attempt,
-            )
-            self._emit(SourceEvent("reconnecting", time.monotonic(), attempt))
+            now = time.monotonic()
+            if attempt <= LOGGED_ATTEMPTS:
+                quiet = "; logged once a minute from here on" if attempt == LOGGED_ATTEMPTS else ""
+                log.warning(
+                    "%s %s: reconnecting in %.2f s (attempt %d)%s",
+                    lost, self.source_id, delay, attempt, quiet,
+                )  # fmt: skip
+                logged_at = now
+            elif now - logged_at >= QUIET_LOG_INTERVAL_S:
+                log.warning(
+                    "video source %s still down after %.0f min: reconnecting every %.2f s "
+                    "(attempt %d)",
+                    self.source_id, (now - down_since) / 60, delay, attempt,
+                )  # fmt: skip
+                logged_at = now
+            self._emit(SourceEvent("reconnecting", now, attempt))
             if self.stop_event.wait(delay):
-                break
-            connected = self._connect_unless_stopped()
-            if connected is None:
-                continue
-            with self._lock:
-                if self._capture is None:  # closed meanwhile
-                    connected[0].release()
-                    return None
-                self._capture = connected[0]
-            down_s = time.monotonic() - lost_at
-            self.reconnects += 1
-            log.warning(
-                "reconnected to video source %s after %.2f s (attempt %d)",
-                self.source_id,
-                down_s,
-                attempt,
-            )
-            self._emit(SourceEvent("reconnected", time.monotonic(), attempt, down_s))
-            return connected[1]
+                return None
+            outcome = self._connect_unless_stopped()
+            if isinstance(outcome, tuple):
+                return (*outcome, attempt)
+            if outcome is not None:
+                log.debug("attempt %d failed: %s", attempt, outcome)
         return None
 
-    def _connect_unless_stopped(self) -> tuple[cv2.VideoCapture, np.ndarray] | None:
-        """`_connect` on a helper thread, abandoned (and cleaned up) if `stop_event` is set.
+    def _report_up(self, down_since: float, attempt: int, verb: str) -> None:
+        down_s = time.monotonic() - down_since
+        self.reconnects += 1
+        log.warning(
+            "%s video source %s after %.2f s (attempt %d)", verb, self.source_id, down_s, attempt
+        )
+        self._emit(SourceEvent("reconnected", time.monotonic(), attempt, down_s))
 
-        FFmpeg's own open timeout can exceed the time a stop may take.
+    def _connect_unless_stopped(
+        self,
+    ) -> tuple[cv2.VideoCapture, np.ndarray] | SourceError | None:
+        """`_connect` on a helper thread: the capture and its first frame, or why it failed;
+        None when `stop_event` was set first (the attempt is abandoned, its capture released
+        when it ends).
+
+        FFmpeg's own open timeout can exceed the time a stop may take. One attempt at a
+        time: this waits for the helper as long as it runs, so an attempt that hangs beyond
+        FFmpeg's timeouts (warned about once) delays the next one rather than piling up
+        threads.
         """
-        outcome: list[tuple[cv2.VideoCapture, np.ndarray] | None] = []
+        outcome: list[tuple[cv2.VideoCapture, np.ndarray] | SourceError] = []
         abandoned = threading.Event()
         lock = threading.Lock()
 
         def connect() -> None:
+            connected: tuple[cv2.VideoCapture, np.ndarray] | SourceError
             try:
-                connected: tuple[cv2.VideoCapture, np.ndarray] | None = self._connect()
+                self._check_reachable()
+                connected = self._connect()
             except SourceError as error:
-                log.debug("reconnect attempt failed: %s", error)
-                connected = None
+                connected = error
+            except Exception as error:  # one failed attempt; its text may hold the URL's password
+                connected = SourceError(
+                    f"cannot open video source {self.source_id}: {type(error).__name__}"
+                )
             with lock:
-                if abandoned.is_set() and connected is not None:
+                if abandoned.is_set() and isinstance(connected, tuple):
                     connected[0].release()
-                else:
-                    outcome.append(connected)
+                outcome.append(connected)
 
         worker = threading.Thread(target=connect, name=f"connect:{self.source_id}", daemon=True)
         worker.start()
+        # The reachability check and FFmpeg's open may each take the open timeout.
+        timeouts_s = (2 * self.open_timeout_ms + self.read_timeout_ms) / 1000
+        hung_at: float | None = time.monotonic() + timeouts_s + HUNG_CONNECT_GRACE_S
         while worker.is_alive():
             worker.join(STOP_POLL_S)
             if self.stop_event.is_set():
                 with lock:
                     abandoned.set()
-                    if outcome and outcome[0] is not None:
+                    if outcome and isinstance(outcome[0], tuple):
                         outcome[0][0].release()
                 return None
-        return outcome[0] if outcome else None
+            if hung_at is not None and time.monotonic() > hung_at:
+                log.warning(
+                    "connecting to video source %s is still blocked %.1f s past its open and "
+                    "read timeouts; no other attempt starts until it returns",
+                    self.source_id, HUNG_CONNECT_GRACE_S,
+                )  # fmt: skip
+                hung_at = None
+        return outcome[0]
+
+    def _check_reachable(self) -> None:
+        """For rtsp(s):// URLs, fail an attempt before FFmpeg is tried when the host does not
+        accept a TCP connection on the port: OpenCV holds one process-wide lock while any FFmpeg
+        capture opens, so a camera that never answers would stall every other source's
+        (re)connects for its whole open timeout. http(s) is left to FFmpeg, which may use a
+        proxy.
+
+        Raises:
+            SourceError: the host refused, or did not answer within the open timeout.
+        """
+        parts = urlsplit(str(self.spec.target))
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or RTSP_DEFAULT_PORTS.get(scheme)
+        except ValueError:  # a malformed port: FFmpeg's error says it
+            return
+        if scheme not in RTSP_DEFAULT_PORTS or not parts.hostname or port is None:
+            return
+        try:
+            with socket.create_connection(
+                (parts.hostname, port), timeout=self.open_timeout_ms / 1000
+            ):
+                pass
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise SourceError(
+                f"cannot reach video source {self.source_id} ({reason}): check the camera is on "
+                "and the URL's host and port"
+            ) from None
 
     def close(self) -> None:
         with self._lock:

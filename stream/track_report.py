@@ -57,6 +57,8 @@ class TrackLedger:
         if result.track_ids is None or result.smoothed is None:
             return
         smoothed = result.smoothed
+        # Smoothed.__post_init__ fills a missing range with NaN: never None here.
+        assert smoothed.age_low is not None and smoothed.age_high is not None
         for i, track_id in enumerate(result.track_ids.tolist()):
             if result.confirmed is not None and not result.confirmed[i]:
                 continue  # not shown, so not a person of the run's outputs

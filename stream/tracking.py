@@ -208,7 +208,7 @@ class Tracker:
         if looks is not None:
             self._compare_looks(tracks_of_faces, looks)
         self._check_faces(faces, tracks_of_faces, face_likeness)
-        split = ()
+        split: tuple[int, ...] = ()
         if face_identity is not None and self.identity_threshold > 0:
             split = self._check_identities(faces, tracks_of_faces, face_identity)
         self._confirm(tracks_of_faces)
@@ -358,10 +358,12 @@ class Tracker:
                     ended.append(track.track_id)
                     continue
             survivors.append(track)
-        for f, track in enumerate(of_face):
-            if track is None:
-                track = of_face[f] = _Track(self._next_id, boxes[f])
+        tracks_of_faces = []
+        for f, face_track in enumerate(of_face):
+            if face_track is None:
+                face_track = _Track(self._next_id, boxes[f])
                 self._next_id += 1
-                survivors.append(track)
+                survivors.append(face_track)
+            tracks_of_faces.append(face_track)
         self._tracks = survivors
-        return of_face, tuple(ended)
+        return tracks_of_faces, tuple(ended)

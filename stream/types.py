@@ -1,5 +1,6 @@
-"""Frozen records passed between pipeline stages (a frame's faces as column arrays) and the
-status records of served streams."""
+"""Frozen records passed between pipeline stages (a frame's faces as column arrays), from the
+stages to the sinks (annotated frames, stream starts), and the records of served streams:
+their status, people's visits and the counts kept of them."""
 
 from __future__ import annotations
 
@@ -297,3 +298,110 @@ class StreamStatus:
     frames: int
     latency_ms_p95: float | None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class AnnotatedFrame:
+    """One processed frame on its way to the sinks.
+
+    Attributes:
+        result: what was found in it.
+        image: the annotated (H, W, 3) uint8 BGR image (faces blurred when asked).
+        left: the people (track ids) who left with this frame: gone for good, past the time
+            they could come back as themselves (`tracking.reid_s`).
+    """
+
+    result: FrameResult
+    image: np.ndarray
+    left: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_shape("AnnotatedFrame.image", self.image, (None, None, 3))
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What a sink learns when its stream starts.
+
+    Attributes:
+        camera: the stream's name (a served stream's id; `run`'s source name).
+        run: this incarnation of the stream, unique across restarts (its UTC start stamp and
+            a number): person ids restart with each incarnation.
+        info: the opened source.
+        source: an absolute file path, or the URL with its credentials redacted.
+        estimator: the estimator's name.
+        wall_start: time.time() when the stream started.
+    """
+
+    camera: str
+    run: str
+    info: SourceInfo
+    source: str
+    estimator: str
+    wall_start: float
+
+
+# The age group and gender a person is counted under when the model gave none.
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One person's visit to one camera, from when their track was confirmed to when they were
+    last seen; kept in the visits store, sent as events.
+
+    Attributes:
+        camera: the stream's name.
+        run: the stream incarnation (`StreamStart.run`): with `person`, the visit's key.
+        person: the person's id (track id) within the incarnation.
+        first_seen, last_seen: unix seconds.
+        age, age_low, age_high: the smoothed age and its 80 % range in years, or None.
+        gender: "male", "female", "unsure", or None for an estimator without gender.
+        confidence: the shown gender's probability, or None when unsure or without gender.
+        ended: True once the person left; False while still in view (an open visit is
+            written every few seconds, so a crash loses at most those seconds).
+    """
+
+    camera: str
+    run: str
+    person: int
+    first_seen: float
+    last_seen: float
+    age: float | None
+    age_low: float | None
+    age_high: float | None
+    gender: str | None
+    confidence: float | None
+    ended: bool
+
+    @property
+    def age_group(self) -> str:
+        """The PERSON_AGE_GROUPS name the visit is counted under, or UNKNOWN."""
+        return UNKNOWN if self.age is None else person_age_group(self.age)
+
+    @property
+    def counted_gender(self) -> str:
+        """The gender the visit is counted under: a SHOWN_GENDERS name or UNKNOWN."""
+        return self.gender if self.gender in SHOWN_GENDERS else UNKNOWN
+
+
+@dataclass(frozen=True)
+class CountRow:
+    """People who came into view of one camera in one period, of one age group and gender; a
+    person counts once, in the period of their `first_seen`.
+
+    Attributes:
+        camera: the stream's name.
+        start: unix seconds of the period's start (a UTC hour or day).
+        period: "hour" or "day".
+        age_group: a PERSON_AGE_GROUPS name or UNKNOWN.
+        gender: a SHOWN_GENDERS name or UNKNOWN.
+        people: how many.
+    """
+
+    camera: str
+    start: float
+    period: str
+    age_group: str
+    gender: str
+    people: int

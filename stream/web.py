@@ -11,7 +11,10 @@ An aiohttp application over a stream hub (stream.hub.StreamHub, or anything with
     POST   /api/streams         {"source": ..., "id": optional} -> 201 and the stream object
     GET    /api/streams/{id}    one stream, with "tracks" the list of its people
     DELETE /api/streams/{id}    stop a stream and finalize its outputs -> 204
-    GET    /api/history         ?minutes=10: people in view per 10-s bin, by age group, gender
+    GET    /api/counts          ?from=&to=&camera=&by=hour|day: people who came into view per
+                                hour or day, by camera, age group and gender, with totals
+    GET    /api/counts.csv      the same rows as a CSV download
+    GET    /api/cameras         every camera the visits store knows: ["name", ...]
     GET    /stream/{id}.mjpg    the annotated frames, multipart/x-mixed-replace
     GET    /stream/{id}.jpg     the newest annotated frame
     GET    /metrics             Prometheus text format
@@ -28,14 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -45,8 +52,17 @@ from prometheus_client.registry import CollectorRegistry
 
 from stream.config import ConfigError
 from stream.connections import ConnectionCap, RateLimiter
-from stream.outputs import json_number, strict_json
-from stream.types import StreamIdInUse, StreamStatus, TrackStatus
+from stream.outputs import json_number
+from stream.types import (
+    PERSON_AGE_GROUPS,
+    SHOWN_GENDERS,
+    UNKNOWN,
+    CountRow,
+    StreamIdInUse,
+    StreamStatus,
+    TrackStatus,
+)
+from stream.visits import StoreError, counts_csv, counts_json
 from stream.web_guard import HostPolicy, is_loopback, refusal
 
 log = logging.getLogger(__name__)
@@ -54,7 +70,12 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 STATES = ("starting", "running", "reconnecting", "ended", "failed")
 BOUNDARY = "agestream-frame"
-MAX_HISTORY_MINUTES = 24 * 60
+COUNT_PERIODS = ("hour", "day")
+COUNTS_PARAMETERS = ("from", "to", "camera", "by")
+DEFAULT_COUNTS_S = 24 * 3600
+MAX_COUNTS_DAYS = 366
+MAX_CAMERA_CHARS = 200
+LAST_UNIX_S = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
 POLL_S = 0.02  # how often a viewer looks for a newer frame while there is none
 WRITE_TIMEOUT_S = 5.0  # a viewer that takes longer to accept one frame is dropped
 # A client gets this long to send its request line and headers (and to send the next
@@ -84,7 +105,10 @@ class Hub(Protocol):
     def add(self, source: str, stream_id: str | None = None) -> StreamStatus: ...
     def remove(self, stream_id: str) -> None: ...
     def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None: ...
-    def history(self, minutes: float = 10.0) -> list[dict]: ...
+    def counts(
+        self, start: float, end: float, camera: str | None = None, by: str = "hour"
+    ) -> list[CountRow]: ...
+    def cameras(self) -> list[str]: ...
     def metrics(self) -> dict: ...
 
 
@@ -149,7 +173,9 @@ def create_app(
     app.router.add_post("/api/streams", _add_stream)
     app.router.add_get("/api/streams/{id}", _get_stream)
     app.router.add_delete("/api/streams/{id}", _remove_stream)
-    app.router.add_get("/api/history", _history)
+    app.router.add_get("/api/counts", _counts)
+    app.router.add_get("/api/counts.csv", _counts_csv)
+    app.router.add_get("/api/cameras", _cameras)
     app.router.add_get("/stream/{id}.mjpg", _mjpeg)
     app.router.add_get("/stream/{id}.jpg", _jpeg)
     app.router.add_get("/metrics", _metrics)
@@ -384,20 +410,158 @@ async def _remove_stream(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _history(request: web.Request) -> web.Response:
-    text = request.query.get("minutes", "10")
+@dataclass(frozen=True)
+class CountsQuery:
+    """What /api/counts was asked for: unix seconds [start, end), one camera or None (all),
+    and the period ("hour" or "day") of its rows."""
+
+    start: float
+    end: float
+    camera: str | None
+    by: str
+
+
+def iso_utc(seconds: float) -> str:
+    """Unix seconds as ISO 8601 UTC with a Z, to the second (to the millisecond when it has a
+    fraction)."""
+    spec = "seconds" if float(seconds).is_integer() else "milliseconds"
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+def parse_instant(name: str, text: str) -> float:
+    """Unix seconds of query parameter `name`'s `text`: ISO 8601 (UTC when it names no zone)
+    or unix seconds; ApiError 400 for anything else or a time before 1970 or after 9999."""
     try:
-        minutes = float(text)
+        seconds = float(text)
     except ValueError:
-        minutes = math.nan
-    if not 0 < minutes <= MAX_HISTORY_MINUTES:
+        try:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            seconds = moment.timestamp()
+        except (ValueError, OverflowError):
+            seconds = math.nan
+    if not 0 <= seconds <= LAST_UNIX_S:
         raise ApiError(
             400,
-            f"minutes must be a number over 0 and at most {MAX_HISTORY_MINUTES}, got {text[:50]!r}",
+            f"{name} must be an ISO 8601 time (UTC unless it names a zone, e.g. "
+            f"2024-05-01T13:00:00Z) or unix seconds from 1970, got {text[:50]!r}",
         )
+    return seconds
+
+
+def counts_query(query: Mapping[str, str], now: float) -> CountsQuery:
+    """The CountsQuery of a /api/counts query string (a mapping of parameters; `token` is
+    allowed and ignored); ApiError 400 naming the bad parameter. The range defaults to the 24 h
+    before `to`, `to` to `now`."""
+    unknown = sorted(set(query) - {*COUNTS_PARAMETERS, "token"})
+    if unknown:
+        raise ApiError(
+            400, f"unknown parameter {unknown[0][:50]!r}, expecting from, to, camera and by"
+        )
+    end = parse_instant("to", query["to"]) if query.get("to") else now
+    start = parse_instant("from", query["from"]) if query.get("from") else end - DEFAULT_COUNTS_S
+    if start >= end:
+        raise ApiError(400, f"from ({iso_utc(start)}) must be before to ({iso_utc(end)})")
+    if end - start > MAX_COUNTS_DAYS * 86400:
+        raise ApiError(
+            400,
+            f"the range from {iso_utc(start)} to {iso_utc(end)} is longer than "
+            f"{MAX_COUNTS_DAYS} days: ask for a shorter one",
+        )
+    by = query.get("by") or "hour"
+    if by not in COUNT_PERIODS:
+        raise ApiError(400, f"by must be hour or day, got {by[:50]!r}")
+    camera = query.get("camera") or None
+    if camera is not None and len(camera) > MAX_CAMERA_CHARS:
+        raise ApiError(400, f"camera is longer than {MAX_CAMERA_CHARS} characters")
+    return CountsQuery(start, end, camera, by)
+
+
+def counts_answer(query: CountsQuery, rows: list[CountRow]) -> dict[str, Any]:
+    """The /api/counts answer: the range asked for, its rows as `agestream counts --json` gives
+    them (stream.visits.counts_json) and their totals (every age group and gender, with
+    "unknown", present even when 0)."""
+    age_groups = dict.fromkeys((*PERSON_AGE_GROUPS, UNKNOWN), 0)
+    genders = dict.fromkeys((*SHOWN_GENDERS, UNKNOWN), 0)
+    for row in rows:
+        age_groups[row.age_group] = age_groups.get(row.age_group, 0) + int(row.people)
+        genders[row.gender] = genders.get(row.gender, 0) + int(row.people)
+    return {
+        "from": iso_utc(query.start),
+        "to": iso_utc(query.end),
+        "by": query.by,
+        "camera": query.camera,
+        "rows": counts_json(rows),
+        "totals": {"people": sum(genders.values()), "age_groups": age_groups, "genders": genders},
+    }
+
+
+Answer = TypeVar("Answer")
+
+
+def _one_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+async def _ask_store(request: web.Request, fetch: Callable[[], Answer]) -> Answer:
+    """`fetch()` run off the event loop (a store query blocks, and a year of hourly rows is
+    large): a ValueError (a query the hub refuses) is a 400, a StoreError (the store cannot be
+    read) a 503, each with its first line."""
     loop = asyncio.get_running_loop()
-    bins = await loop.run_in_executor(request.app[EXECUTOR], request.app[HUB].history, minutes)
-    return web.json_response(strict_json(bins))
+    try:
+        return await loop.run_in_executor(request.app[EXECUTOR], fetch)
+    except ValueError as error:
+        raise ApiError(400, _one_line(error)) from None
+    except StoreError as error:
+        log.warning("%s: %s", request.path[:100], _one_line(error))
+        raise ApiError(503, _one_line(error)) from None
+
+
+async def _query_counts(
+    request: web.Request, render: Callable[[CountsQuery, list[CountRow]], Answer]
+) -> tuple[CountsQuery, Answer]:
+    """The request's query and its counts from the hub, rendered by `render`."""
+    query = counts_query(request.query, time.time())
+    hub = request.app[HUB]
+
+    def fetch() -> Answer:
+        rows = hub.counts(query.start, query.end, camera=query.camera, by=query.by)
+        return render(query, rows)
+
+    return query, await _ask_store(request, fetch)
+
+
+async def _counts(request: web.Request) -> web.Response:
+    def render(query: CountsQuery, rows: list[CountRow]) -> str:
+        return json.dumps(counts_answer(query, rows), allow_nan=False)
+
+    _, text = await _query_counts(request, render)
+    return web.Response(text=text, content_type="application/json")
+
+
+def _csv_text(_: CountsQuery, rows: list[CountRow]) -> str:
+    file = io.StringIO()
+    counts_csv(rows, file)
+    return file.getvalue()
+
+
+def _file_stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+async def _counts_csv(request: web.Request) -> web.Response:
+    query, text = await _query_counts(request, _csv_text)
+    name = f"agestream-counts-{_file_stamp(query.start)}-{_file_stamp(query.end)}.csv"
+    return web.Response(
+        text=text,
+        content_type="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+async def _cameras(request: web.Request) -> web.Response:
+    return web.json_response(list(await _ask_store(request, request.app[HUB].cameras)))
 
 
 async def _latest(request: web.Request, stream_id: str, after: int) -> tuple[int, bytes] | None:

@@ -58,7 +58,9 @@ class HostPolicy:
     any_host: bool
 
     @classmethod
-    def for_server(cls, host: str, token: str | None, allowed_hosts: Iterable[str] = ()):
+    def for_server(
+        cls, host: str, token: str | None, allowed_hosts: Iterable[str] = ()
+    ) -> HostPolicy:
         """The policy of a server bound to `host`; ValueError for an entry that is no host."""
         listed = []
         for entry in allowed_hosts:

@@ -217,7 +217,7 @@ class WindowSink:
         so that snapshots and outputs have neither."""
         if self._paused:
             help_line = PAUSED_HELP
-        elif time.monotonic() - self._first_shown_at < KEY_HELP_S:
+        elif self._first_shown_at is None or time.monotonic() - self._first_shown_at < KEY_HELP_S:
             help_line = KEY_HELP
         else:
             return image

@@ -145,3 +145,10 @@ def clip_runs(
     folder = tmp_path_factory.mktemp("runs")
     clips = {path.stem: path for path in sorted(VIDEOS.glob("*.mp4"))} | made_clips
     return {name: run_json_lines(clip, folder / f"{name}.jsonl") for name, clip in clips.items()}
+
+
+@pytest.fixture(autouse=True)
+def _data_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve`'s default visits store is under $XDG_DATA_HOME: a test's own, never the
+    user's (subprocesses inherit it)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))

@@ -1,20 +1,21 @@
-"""A stand-in for stream.hub.StreamHub with its exact methods: generated JPEG frames and made-up
-statuses, no sources or models, for the web app's tests."""
+"""A stand-in for stream.hub.StreamHub with its exact methods: generated JPEG frames, made-up
+statuses and counts of visits held in memory, no sources or models, for the web app's tests."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import threading
 import time
+from collections import Counter
 
 import cv2
 import numpy as np
 
-from stream.types import StreamIdInUse, StreamStatus, TrackStatus
+from stream.types import CountRow, StreamIdInUse, StreamStatus, TrackStatus, Visit
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PERIOD_SECONDS = {"hour": 3600, "day": 86400}
 
 
 class FakeStream:
@@ -38,7 +39,7 @@ class FakeStream:
         if self.cached is None or self.cached[0] != sequence:
             width, height = self.size
             x = np.linspace(0, 255, width, dtype=np.float32)
-            image = np.empty((height, width, 3), np.uint8)
+            image: np.ndarray = np.empty((height, width, 3), np.uint8)
             image[:] = np.stack([x, x[::-1], np.full_like(x, (sequence * 7) % 256)], -1)
             # Noise keeps the JPEG large enough for a stalled viewer to fill socket buffers.
             noise = np.random.default_rng(sequence).integers(0, 40, (height, width, 3), np.uint8)
@@ -84,6 +85,7 @@ class FakeHub:
         self.lock = threading.Lock()
         self.items: dict[str, FakeStream] = {}
         self.removed: list[str] = []
+        self.visits: list[Visit] = []  # the visits store: what counts() counts
         self.closed = False
 
     def streams(self) -> list[StreamStatus]:
@@ -122,23 +124,44 @@ class FakeHub:
                 return None
             return sequence, stream.jpeg(sequence)
 
-    def history(self, minutes: float = 10.0) -> list[dict]:
-        now = time.time()
-        first = int((now - minutes * 60) // 10 * 10)
-        bins = []
-        for t in range(first, int(now) + 1, 10):
-            wave = 1 + math.sin(t / 60)
-            bins.append(
-                {
-                    "t": float(t),
-                    "age_groups": {
-                        "0-9": 0, "10-19": 1, "20-39": round(2 * wave), "40-59": 1,
-                        "60+": round(wave),
-                    },
-                    "genders": {"male": round(2 * wave), "female": 2, "unsure": round(wave)},
-                }
+    def add_visit(
+        self, camera: str, first_seen: float, age: float | None, gender: str | None
+    ) -> None:
+        """Stores a finished 10-s visit of a new person to `camera`."""
+        with self.lock:
+            person = len(self.visits) + 1
+            self.visits.append(
+                Visit(camera, "fake-run", person, first_seen, first_seen + 10.0, age, None, None,
+                      gender, None, True)
             )  # fmt: skip
-        return bins
+
+    def counts(
+        self, start: float, end: float, camera: str | None = None, by: str = "hour"
+    ) -> list[CountRow]:
+        """People first seen in [start, end), per `by` period (UTC), camera, age group and
+        gender, as the visits store counts them."""
+        if by not in PERIOD_SECONDS:
+            raise ValueError(f"invalid period {by!r}, expecting hour or day")
+        if not start < end:
+            raise ValueError(f"start ({start}) must be before end ({end})")
+        period = PERIOD_SECONDS[by]
+        with self.lock:
+            visits = list(self.visits)
+        tally: Counter[tuple[str, float, str, str]] = Counter(
+            (visit.camera, visit.first_seen // period * period, visit.age_group,
+             visit.counted_gender)
+            for visit in visits
+            if start <= visit.first_seen < end and camera in (None, visit.camera)
+        )  # fmt: skip
+        return [
+            CountRow(name, period_start, by, age_group, gender, people)
+            for (name, period_start, age_group, gender), people in sorted(tally.items())
+        ]
+
+    def cameras(self) -> list[str]:
+        """Every camera with a stored visit and every stream now served, sorted."""
+        with self.lock:
+            return sorted({visit.camera for visit in self.visits} | set(self.items))
 
     def metrics(self) -> dict:
         streams = self.streams()

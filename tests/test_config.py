@@ -13,7 +13,14 @@ import pytest
 
 import stream
 from stream.cli import _config_from, build_parser, main
-from stream.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, override
+from stream.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    load_config,
+    override,
+    stream_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Building agestream's wheel takes a few seconds; beyond this the machine is too busy to wait.
@@ -91,7 +98,7 @@ def test_given_unknown_top_level_key_then_error_names_it_and_the_valid_keys(tmp_
         load_config(write(tmp_path, "detectr:\n  model: full\n"))
     message = str(error.value)
     assert "'detectr'" in message
-    assert "detector, estimator, models_dir, output, serve, source, tracking" in message
+    assert "detector, estimator, events, models_dir, output, serve, source, tracking" in message
 
 
 def test_given_unknown_nested_key_then_error_names_its_path(tmp_path: Path) -> None:
@@ -171,7 +178,7 @@ def test_given_unknown_key_when_cli_runs_then_one_line_and_exit_2(
     assert code == 2
     assert err == [
         f"agestream: config error: {path}: unknown config key 'outputs'; "
-        "valid keys here: detector, estimator, models_dir, output, serve, source, tracking"
+        "valid keys here: detector, estimator, events, models_dir, output, serve, source, tracking"
     ]
 
 
@@ -183,7 +190,7 @@ def test_given_serve_streams_when_loaded_then_entries_are_checked(tmp_path: Path
 
     assert serve.port == 9000
     assert [(s.id, s.source) for s in serve.streams] == [("door", "door.mp4"), (None, 0)]
-    with pytest.raises(ConfigError, match=r"'serve\.streams\[0\]\.url'.*id, source"):
+    with pytest.raises(ConfigError, match=r"'serve\.streams\[0\]\.url'.*id, roi, settings, source"):
         load_config(write(tmp_path, "serve:\n  streams:\n    - {url: x}\n"))
     with pytest.raises(ConfigError, match=r"serve\.port"):
         load_config(write(tmp_path, "serve:\n  port: 70000\n"))
@@ -212,3 +219,29 @@ def test_given_serve_allowed_hosts_when_loaded_then_each_must_be_a_host(tmp_path
     )
     flags = build_parser().parse_args(["serve", "--allowed-host", "a.lan", "--allowed-host", "b"])
     assert _config_from(flags).serve.allowed_hosts == ("a.lan", "b")
+
+
+def test_given_a_streams_region_and_settings_then_they_are_checked_and_apply_to_it_alone(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "serve:\n  streams:\n    - {id: hall, source: a.mp4, roi: [0.25, 0, 0.75, 1],\n"
+        "       settings: {detector: {min_face_px: 40}, output: {blur: true}}}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    (entry,) = config.serve.streams
+    own = stream_config(config, entry)
+    assert entry.roi == (0.25, 0.0, 0.75, 1.0)
+    assert (own.detector.min_face_px, own.output.blur) == (40, True)
+    assert (config.detector.min_face_px, config.output.blur) == (20, False)
+    for bad, message in (
+        ("roi: [0.8, 0, 0.2, 1]", r"streams\[0\]: roi is \[left, top, right, bottom\]"),
+        ("roi: [0, 0, 1.5, 1]", r"roi\.2: Input should be less than or equal to 1"),
+        ("settings: {serve: {port: 1}}", r"settings may set detector, source, tracking, output"),
+        (
+            "settings: {detector: {min_face_px: x}}",
+            r"streams\[0\]\.settings\.detector\.min_face_px",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, f"serve:\n  streams:\n    - {{source: a.mp4, {bad}}}\n"))

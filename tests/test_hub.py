@@ -10,12 +10,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stream.batcher import EstimateBatcher
-from stream.config import Config
+from stream.config import Config, StreamEntry
 from stream.hub import ServedStream, StreamHub
 from stream.sinks import RunOutputs
+from stream.types import FrameResult
+from stream.visits import open_store
 from tests.conftest import HAMILTON, VIDEOS, decoded_frame_count, free_port, require, wait_for
 
 D19 = VIDEOS / "livePortrait__driving__d19.mp4"
@@ -67,7 +70,8 @@ def test_given_two_clips_when_served_then_both_run_and_streams_come_and_go(
 ) -> None:
     require(D19), require(D3)
     out = tmp_path / "out"
-    hub = StreamHub(Config(), batcher, output_dir=out)
+    store = open_store(tmp_path / "visits.db")
+    hub = StreamHub(Config(), batcher, output_dir=out, store=store)
     try:
         first = hub.add(str(HAMILTON))
         second = hub.add(str(D19), "d19")
@@ -100,12 +104,21 @@ def test_given_two_clips_when_served_then_both_run_and_streams_come_and_go(
         metrics = hub.metrics()
         assert [m["id"] for m in metrics["streams"]] == [HAMILTON.stem, "d19"]
         assert metrics["batcher"]["calls"] > 0 and metrics["batcher"]["mean_batch"] >= 1
-        history = hub.history(1)
-        assert history[-1]["t"] <= time.time() and sum(h["people"] for h in history) >= 1
     finally:
         hub.close()
     assert check_outputs(out, HAMILTON.stem) >= 60
     assert check_outputs(out, "d19") >= 60
+    # Each stream's people, kept as visits: every track of its CSV is one, none twice.
+    visits = store.visits(0, time.time() + 1)
+    for stream_id in (HAMILTON.stem, "d19", "d3"):
+        (csv_file,) = out.glob(f"{stream_id}-*.csv")
+        people = {row.split(",")[0] for row in csv_file.read_text().splitlines()[1:]}
+        kept = [visit for visit in visits if visit.camera == stream_id]
+        assert {str(visit.person) for visit in kept} == people and all(v.ended for v in kept)
+    counted = sum(row.people for row in hub.counts(0, time.time() + 1))
+    assert counted == len(visits) >= 3
+    assert hub.cameras() == sorted([HAMILTON.stem, "d19", "d3"])
+    store.close()
 
 
 def test_given_rtsp_server_killed_when_served_then_it_recovers_and_the_file_keeps_its_rate(
@@ -145,22 +158,49 @@ def test_given_rtsp_server_killed_when_served_then_it_recovers_and_the_file_keep
         server.kill()
 
 
-def test_given_unreachable_camera_when_added_then_add_returns_at_once_and_it_fails(
+def test_given_a_camera_down_when_the_hub_starts_then_it_runs_once_the_camera_answers(
+    batcher: EstimateBatcher, tmp_path: Path
+) -> None:
+    from tests.test_rtsp import RtspServer, _has_gst_rtsp_server
+
+    if not _has_gst_rtsp_server():
+        pytest.skip("needs GStreamer's RTSP server (see tests/test_rtsp.py)")
+    server = RtspServer(HAMILTON)  # not started yet: the camera is down
+    store = open_store(tmp_path / "visits.db")
+    hub = StreamHub(Config(), batcher, store=store)
+    try:
+        hub.add(server.url(), "door")
+        wait_for(lambda: hub.status("door").state == "reconnecting", 15, "reconnecting")
+        time.sleep(3.0)
+        assert hub.status("door").state == "reconnecting"
+        server.start()
+        wait_for(lambda: hub.status("door").state == "running", 30, "running once it answers")
+        wait_for(lambda: frames_of(hub, "door") >= 30, 30, "frames of the camera")
+    finally:
+        hub.close()
+        server.kill()
+    assert "door" in store.cameras(), "its people were counted once it answered"
+    store.close()
+
+
+def test_given_unreachable_camera_when_added_then_add_returns_at_once_and_it_reconnects(
     batcher: EstimateBatcher,
 ) -> None:
-
     with StreamHub(Config(), batcher) as hub:
         started = time.monotonic()
         status = hub.add(f"rtsp://user:secret@127.0.0.1:{free_port()}/x")
-        # At once: opening (which fails only after its timeout) is the stream thread's work.
+        # At once: opening is the stream thread's work; a camera that is down is waited for.
         assert time.monotonic() - started < 2.0
-        assert status.state in ("starting", "failed")
-        wait_for(lambda: hub.status("cam1").state == "failed", 15, "the stream to fail")
-        failed = hub.status("cam1")
-        assert "cannot open video source" in failed.error and "secret" not in failed.error
+        assert status.state in ("starting", "reconnecting")
+        wait_for(lambda: hub.status("cam1").state == "reconnecting", 15, "reconnecting")
+        time.sleep(6.0)  # beyond the open timeout: still waiting, never "failed"
+        waiting = hub.status("cam1")
+        assert (waiting.state, waiting.error) == ("reconnecting", None)
         assert hub.latest_jpeg("cam1") is None
         with pytest.raises(KeyError):
             hub.latest_jpeg("nope")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5.0, "a stream waiting for its camera stops at once"
 
 
 def test_given_another_url_scheme_then_add_says_unsupported_scheme(batcher) -> None:
@@ -272,13 +312,13 @@ def test_given_a_stream_slow_to_finalize_when_the_hub_closes_then_it_waits_for_i
 ) -> None:
     # Thirty streams on two cores take this long to stop; closing the models and exiting
     # under them crashed the process (exit 134) and left partial files.
-    real_exit = RunOutputs.__exit__
+    real_close = RunOutputs.close
 
-    def slow_exit(outputs: RunOutputs, *exc: object) -> None:
+    def slow_close(outputs: RunOutputs) -> None:
         time.sleep(7.0)
-        real_exit(outputs, *exc)
+        real_close(outputs)
 
-    monkeypatch.setattr(RunOutputs, "__exit__", slow_exit)
+    monkeypatch.setattr(RunOutputs, "close", slow_close)
     hub = StreamHub(Config(), batcher, output_dir=tmp_path)
     hub.add(str(D19), "slow")
     wait_for(lambda: frames_of(hub, "slow") >= 5, 60, "frames of the stream")
@@ -287,3 +327,21 @@ def test_given_a_stream_slow_to_finalize_when_the_hub_closes_then_it_waits_for_i
     assert time.monotonic() - started >= 7.0
     assert check_outputs(tmp_path, "slow") >= 5
     assert not list(tmp_path.glob("*.partial.*"))
+
+
+def test_given_a_region_of_interest_then_only_faces_centred_in_it_are_tracked_and_counted(
+    batcher: EstimateBatcher, tmp_path: Path
+) -> None:
+    seen: dict[str, list[np.ndarray]] = {"all": [], "left": []}
+
+    def keep(stream_id: str, result: FrameResult, now: float) -> None:
+        seen[stream_id].append(result.faces.xyxy.copy() / result.frame.image.shape[1])
+
+    with StreamHub(Config(), batcher, on_result=keep) as hub:
+        hub.add(str(HAMILTON), "all")
+        hub.add(str(HAMILTON), "left", StreamEntry(source=str(HAMILTON), roi=(0, 0, 0.5, 1)))
+        wait_for(lambda: min(s.frames for s in hub.streams()) >= 90, 60, "frames of both")
+    centres = {name: np.concatenate(boxes)[:, [0, 2]].mean(axis=1) for name, boxes in seen.items()}
+    # Hamilton's clip has faces on both halves of the frame.
+    assert (centres["all"] < 0.5).any() and (centres["all"] >= 0.5).any()
+    assert len(centres["left"]) and (centres["left"] < 0.5).all()

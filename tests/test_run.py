@@ -12,7 +12,8 @@ import cv2
 import pytest
 
 from stream.config import Config
-from stream.pipeline import RunSummary, run
+from stream.pipeline import run
+from stream.stages import RunSummary
 from tests.conftest import HAMILTON, decoded_frame_count, require
 
 

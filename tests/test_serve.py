@@ -91,7 +91,7 @@ def serve(tmp_path: Path) -> Iterator:
     def start(*sources: Path, token: str | None = None) -> Server:
         port, output_dir = free_port(), tmp_path / "out"
         command = [sys.executable, "-m", "stream", "serve", *map(str, sources), "--loop"]
-        command += ["--port", str(port), "--output-dir", str(output_dir)]
+        command += ["--port", str(port), "--output-dir", str(output_dir), "--store", "video"]
         env = {**os.environ, "AGESTREAM_TOKEN": token or ""}
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -23,8 +23,8 @@ from estimators import create_estimator  # noqa: E402
 from stream.config import load_config  # noqa: E402
 from stream.faceset import load_labelled  # noqa: E402
 from stream.photos import DetectorsByModel, PhotoLabeller  # noqa: E402
-from stream.pipeline import face_checker  # noqa: E402
 from stream.reports.evaluate import pipeline_predictor  # noqa: E402
+from stream.stages import face_checker  # noqa: E402
 
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4)
 MIN_AGE = 10

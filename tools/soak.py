@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from stream.config import Config, load_config
-from stream.pipeline import RunSummary, run
+from stream.pipeline import run
 from stream.sources import SimulatedLiveSource
+from stream.stages import RunSummary
 
 log = logging.getLogger("soak")
 

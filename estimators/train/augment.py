@@ -47,7 +47,7 @@ def _affine(
         [np.stack([cos * flip, -sin, shift[:, 0]], 1), np.stack([sin * flip, cos, shift[:, 1]], 1)],
         1,
     )
-    grid = F.affine_grid(torch.from_numpy(theta).float(), (n, 3, size, size), align_corners=False)
+    grid = F.affine_grid(torch.from_numpy(theta).float(), [n, 3, size, size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 

@@ -102,13 +102,13 @@ def cut_chips(
         context = multiprocessing.get_context("spawn")  # MediaPipe's graph does not survive fork
         with context.Pool(workers, _start_worker, (detector_config, models_dir)) as pool:
             cut = [chip for chunk in pool.imap(_cut, tasks) for chip in chunk]
-    found = [i for i, chip in enumerate(cut) if chip is not None]
+    found = [(i, chip) for i, chip in enumerate(cut) if chip is not None]
     chips = (
-        np.stack([cut[i] for i in found])
+        np.stack([chip for _, chip in found])
         if found
         else np.zeros((0, spec.size, spec.size, 3), np.uint8)
     )
-    kept = [images[i] for i in found]
+    kept = [images[i] for i, _ in found]
     return ChipSet(
         chips=chips,
         age=np.array([i.age for i in kept], np.float32),

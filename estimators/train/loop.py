@@ -100,7 +100,8 @@ def build_state(config: TrainConfig, device: torch.device, models_dir: str | Non
     weights = config.model.pretrained_weights
     if weights is not None:
         net.load_imagenet(ensure_model(weights, models_dir))
-    net = net.to(device, memory_format=torch.channels_last)
+    # torch's stubs omit `to`'s memory_format keyword, which Module.to accepts.
+    net = net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     ema = AveragedModel(
         net, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True
     )

@@ -45,7 +45,9 @@ NORMALIZATION = {
 ONNX_OUTPUTS = ("genderage", "age_probs")
 
 
-def _conv_bn_relu(inputs: int, outputs: int, kernel: int = 3, stride: int = 1, groups: int = 1):
+def _conv_bn_relu(
+    inputs: int, outputs: int, kernel: int = 3, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(inputs, outputs, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(outputs),
@@ -59,7 +61,9 @@ class InvertedResidual(nn.Module):
     def __init__(self, inputs: int, outputs: int, stride: int, expansion: int) -> None:
         super().__init__()
         hidden = inputs * expansion
-        layers = [] if expansion == 1 else [_conv_bn_relu(inputs, hidden, kernel=1)]
+        layers: list[nn.Module] = (
+            [] if expansion == 1 else [_conv_bn_relu(inputs, hidden, kernel=1)]
+        )
         layers += [
             _conv_bn_relu(hidden, hidden, stride=stride, groups=hidden),
             nn.Conv2d(hidden, outputs, 1, bias=False),
@@ -93,7 +97,9 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[nn.ZeroPad2d, in
     return nn.ZeroPad2d((before, total - before, before, total - before)), out
 
 
-def _lite_conv(inputs: int, outputs: int, kernel: int, stride: int, size: int, groups: int = 1):
+def _lite_conv(
+    inputs: int, outputs: int, kernel: int, stride: int, size: int, groups: int = 1
+) -> tuple[nn.Sequential, int]:
     """SAME-padded convolution without bias, as stored in the Lite checkpoint; and the output
     size."""
     pad, out = _same_padding(size, kernel, stride)
@@ -171,6 +177,11 @@ class EfficientNetLite0Features(nn.Module):
 class GenderAgeNet(nn.Module):
     """(N, 3, S, S) RGB in [0, 1] -> gender logits (N, 2: female, male) and age logits
     (N, bins: ages 0, 1, ... years)."""
+
+    # Buffers (register_buffer), declared for the type checker.
+    mean: torch.Tensor
+    std: torch.Tensor
+    ages: torch.Tensor
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -34,6 +35,9 @@ import numpy as np
 from stream.config import Config, apply_file
 from stream.outputs import write_report
 from stream.sources import SimulatedLiveSource, VideoSource
+
+if TYPE_CHECKING:
+    from stream.types import FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ def encode_costs(source: str, scratch: Path, rounds: int) -> dict:
 
     def mp4v(frames: list[np.ndarray]) -> None:
         writer = cv2.VideoWriter(
-            str(scratch / "mp4v.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+            str(scratch / "mp4v.mp4"), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height)
         )
         for image in frames:
             writer.write(image)
@@ -188,11 +192,11 @@ def naive_loop(config: Config, source: str, max_frames: int | None, output: Path
                     per_face.append(analyzer.estimate(image_rgb, faces[i : i + 1], timings))
                     stages["align"].append(timings["align"])
                     stages["estimate per face"].append(timings["estimate"])
-                columns = [
+                age, p_male, age_confidence = (
                     np.array([getattr(e, name)[0] for e in per_face], np.float32)
                     for name in ("age", "p_male", "age_confidence")
-                ]
-                estimates = Estimates(*columns)
+                )
+                estimates = Estimates(age, p_male, age_confidence)
                 frame = Frame(image, frames, time.monotonic(), info.source_id)
                 at = time.perf_counter()
                 annotated = annotate(
@@ -220,13 +224,14 @@ def _outputs(config: Config, video: str | None, max_frames: int | None) -> Confi
 
 
 def pipeline_file(config: Config, source: str, max_frames: int | None, output: Path) -> LoopRun:
-    from stream.pipeline import RunSummary, run
+    from stream.pipeline import run
+    from stream.stages import RunSummary
 
     stages: dict[str, list[float]] = defaultdict(list)
     done_at: list[float] = []
     cpu_at: list[float] = []
 
-    def record(result, at: float) -> None:
+    def record(result: FrameResult, at: float) -> None:
         done_at.append(at)
         cpu_at.append(time.process_time())
         for name, value in result.timings_ms.items():
@@ -264,12 +269,13 @@ def combine(runs: list[LoopRun]) -> dict:
 
 
 def pipeline_live(config: Config, source: str, seconds: float) -> dict:
-    from stream.pipeline import RunSummary, run
+    from stream.pipeline import run
+    from stream.stages import RunSummary
 
     latencies: list[float] = []
     first: list[float] = []
 
-    def record(result, done_at: float) -> None:
+    def record(result: FrameResult, done_at: float) -> None:
         if not first:
             first.append(result.frame.timestamp)
         if result.frame.timestamp - first[0] >= LIVE_WARM_UP_S:

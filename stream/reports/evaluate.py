@@ -174,6 +174,9 @@ def pipeline_predictor(labeller: PhotoLabeller) -> Predictor:
             best = central_face(result.faces, crop.shape)
             if best is not None and (result.confirmed is None or result.confirmed[best]):
                 smoothed = result.smoothed
+                # A processed frame is smoothed, and Smoothed fills its range (NaN without one).
+                assert smoothed is not None and smoothed.age_low is not None
+                assert smoothed.age_high is not None
                 columns[:, i] = [
                     smoothed.age[best], smoothed.p_male[best],
                     smoothed.age_low[best], smoothed.age_high[best],

@@ -12,8 +12,10 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import cv2
@@ -22,6 +24,10 @@ import numpy as np
 from stream.outputs import PARTIAL, OutputError, failure, write_whole
 from stream.reports.flicker import RecordsError, read_numbered_records
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, person_age_group
+
+if TYPE_CHECKING:  # matplotlib is imported only when a chart is drawn
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +148,7 @@ def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Perso
     known_gender = [face["gender"] for _, face in seen if face.get("gender") is not None]
     times = [record["t_ms"] / 1000 for record, _ in seen]
     first_s, last_s = min(times), max(times)
+    x1, y1, x2, y2 = (float(v) for v in best_face["box"])
     return Person(
         track=track,
         first_s=first_s,
@@ -157,7 +164,7 @@ def _person(track: int, seen: list[tuple[dict, dict]], period_s: float) -> Perso
         views=sum(face.get("age_raw") is not None for _, face in seen),
         best_frame=int(best_record["frame"]),
         best_t_s=best_record["t_ms"] / 1000,
-        best_box=tuple(float(v) for v in best_face["box"]),
+        best_box=(x1, y1, x2, y2),
         seen_s=tuple(times),
     )
 
@@ -247,7 +254,7 @@ def presence_bins(run: RunInfo, people: list[Person]) -> Bins:
     return Bins(run.start_s, width, tuple(frozenset(m) for m in members))
 
 
-def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> bytes:
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -375,10 +382,19 @@ COLORS = {
 }  # fmt: skip
 
 
-def _png(figure: object) -> bytes:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+def _whole_number_ticks(axis: Axis) -> None:
+    """Ticks at whole numbers only: the axis counts people."""
+    from matplotlib.ticker import MaxNLocator
+
+    locator = axis.get_major_locator()
+    assert isinstance(locator, MaxNLocator), "a new axis has an AutoLocator, a MaxNLocator"
+    locator.set_params(integer=True)
 
 
 def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> bytes:
@@ -387,7 +403,7 @@ def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> byt
 
     by_track = {person.track: person for person in people}
     keys = [*PERSON_AGE_GROUPS, UNKNOWN] if by == "age_group" else [*SHOWN_GENDERS, UNKNOWN]
-    counts = {key: [] for key in keys}
+    counts: dict[str, list[int]] = {key: [] for key in keys}
     for members in bins.people:
         values = [getattr(by_track[track], by) for track in members]
         for key in keys:
@@ -403,7 +419,7 @@ def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> byt
         axes.stackplot(x, *series, labels=keys, colors=colors, step="post")
         axes.legend(loc="upper right", fontsize="small")
     axes.set(title=title, xlabel="time (s)", ylabel="people in view", xlim=(x[0], x[-1]))
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    _whole_number_ticks(axes.yaxis)
     figure.tight_layout()
     return _png(figure)
 
@@ -426,7 +442,7 @@ def groups_chart(people: list[Person]) -> bytes:
     if bottom.any():
         axes.legend(loc="upper right", fontsize="small")
     axes.set(title=CHARTS[2][1], xlabel="age group", ylabel="people")
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    _whole_number_ticks(axes.yaxis)
     figure.tight_layout()
     return _png(figure)
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,10 @@ from stream.config import Config
 from stream.outputs import write_report
 from stream.reports.bench import LIVE_WARM_UP_S, WARM_UP_FRAMES, percentiles, steady_rates
 from stream.sources import SimulatedLiveSource, VideoSource
+
+if TYPE_CHECKING:
+    from stream.batcher import EstimateBatcher
+    from stream.types import FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,13 @@ def parse_streams(text: str) -> list[int]:
 
 def single_run(config: Config, source: str, folder: Path) -> float:
     """Steady-state FPS of `run` on `source`, writing video, JSON lines and tracks."""
-    from stream.pipeline import RunSummary, run
+    from stream.pipeline import run
+    from stream.stages import RunSummary
 
     done_at: list[float] = []
     cpu_at: list[float] = []
 
-    def record(result, at: float) -> None:
+    def record(result: FrameResult, at: float) -> None:
         done_at.append(at)
         cpu_at.append(time.process_time())
 
@@ -84,7 +90,9 @@ def aggregate_fps(done_at: dict[str, list[float]]) -> float:
     return inside / (end - start)
 
 
-def hub_run(config: Config, source: str, streams: int, batcher, folder: Path) -> dict:
+def hub_run(
+    config: Config, source: str, streams: int, batcher: EstimateBatcher, folder: Path
+) -> dict:
     """N copies of `source` through one hub, unpaced and lossless; aggregate FPS and the
     batcher's mean batch during the run."""
     from stream.hub import StreamHub
@@ -119,7 +127,9 @@ def hub_run(config: Config, source: str, streams: int, batcher, folder: Path) ->
     }
 
 
-def file_mode(config: Config, source: str, counts: list[int], rounds: int, batcher) -> dict:
+def file_mode(
+    config: Config, source: str, counts: list[int], rounds: int, batcher: EstimateBatcher
+) -> dict:
     """Alternating rounds of the single pipeline and the hub with each of `counts` streams."""
     single: list[float] = []
     hubs: dict[int, list[dict]] = defaultdict(list)
@@ -149,7 +159,12 @@ def file_mode(config: Config, source: str, counts: list[int], rounds: int, batch
 
 
 def live_mode(
-    config: Config, source: str, streams: int, fps: float, seconds: float, batcher
+    config: Config,
+    source: str,
+    streams: int,
+    fps: float,
+    seconds: float,
+    batcher: EstimateBatcher,
 ) -> dict:
     """`streams` copies of `source` as `fps` cameras: per stream latency and drops, measured
     for `seconds` after every stream has run LIVE_WARM_UP_S."""
@@ -158,7 +173,7 @@ def live_mode(
     latencies: dict[str, list[float]] = defaultdict(list)
     measuring: list[bool] = []
 
-    def record(stream_id: str, result, at: float) -> None:
+    def record(stream_id: str, result: FrameResult, at: float) -> None:
         if measuring:
             latencies[stream_id].append((at - result.frame.timestamp) * 1000)
 

@@ -1,26 +1,38 @@
-// agestream live page: each stream's annotated video, stats and people, and charts of the
-// people in view. Vanilla JS over the JSON API; a ?token= in the page's URL is sent on.
+// agestream live page: each stream's annotated video, stats and people, and the counts of
+// people who came into view (from the visits store). Vanilla JS over the JSON API; a ?token=
+// in the page's URL is sent on.
 "use strict";
 
 const TOKEN = new URLSearchParams(location.search).get("token");
 const STREAMS_EVERY_MS = 1000;
-const HISTORY_EVERY_MS = 5000;
-const HISTORY_MINUTES = 10;
+const COUNTS_EVERY_MS = 30000;
 // A browser opens at most 6 connections to a server and each MJPEG image holds one; past this
 // many streams the others show a still refreshed twice a second, so the API calls still get
 // through.
 const MAX_MJPEG = 4;
 const STILL_EVERY_MS = 500;
-const AGE_GROUPS = ["0-9", "10-19", "20-39", "40-59", "60+"];
-const GENDERS = ["male", "female", "unsure"];
+// Every group and gender a person is counted under ("unknown": the model gave none).
+const AGE_GROUPS = ["0-9", "10-19", "20-39", "40-59", "60+", "unknown"];
+const GENDERS = ["male", "female", "unsure", "unknown"];
 // The same colours as `agestream report`'s charts.
 const COLOURS = {
   "0-9": "#8dd3c7", "10-19": "#80b1d3", "20-39": "#fdb462", "40-59": "#fb8072",
-  "60+": "#bc80bd", male: "#4c78a8", female: "#e45756", unsure: "#b7b7b7",
+  "60+": "#bc80bd", male: "#4c78a8", female: "#e45756", unsure: "#b7b7b7", unknown: "#dcdcdc",
+};
+const HOUR_S = 3600;
+const DAY_S = 86400;
+const PERIOD_S = { hour: HOUR_S, day: DAY_S };
+// Each range's length, bar period and alignment: a day's bars are whole hours and a week's
+// whole UTC days (the last one still going); the last hour is exactly the last 60 minutes.
+const RANGES = {
+  hour: { seconds: HOUR_S, by: "hour", align: 0 },
+  day: { seconds: DAY_S, by: "hour", align: HOUR_S },
+  week: { seconds: 7 * DAY_S, by: "day", align: DAY_S },
 };
 
 const cards = new Map(); // stream id -> card
-let lastHistory = [];
+let lastCounts = null;
+let countsAsked = 0; // numbers each counts request: only the latest one's answer is shown
 
 function withToken(path) {
   if (!TOKEN) return path;
@@ -251,7 +263,130 @@ async function addStream(event) {
   }
 }
 
-// ---- charts --------------------------------------------------------------------------------
+// ---- counts --------------------------------------------------------------------------------
+
+// Unix seconds as ISO 8601 UTC to the second: 2024-05-01T13:00:00Z.
+function isoSeconds(seconds) {
+  return new Date(seconds * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+}
+
+// The query of the range and camera picked now, as /api/counts and /api/counts.csv take it.
+function countsQuery() {
+  const range = RANGES[document.getElementById("counts-range").value] || RANGES.day;
+  const now = Math.floor(Date.now() / 1000);
+  const from = range.align
+    ? Math.floor(now / range.align) * range.align - (range.seconds - range.align)
+    : now - range.seconds;
+  const query = new URLSearchParams({ from: isoSeconds(from), to: isoSeconds(now), by: range.by });
+  const camera = document.getElementById("counts-camera").value;
+  if (camera) query.set("camera", camera);
+  return query.toString();
+}
+
+// The cameras to pick from: every one the store knows, and the one picked (it stays).
+async function refreshCameras() {
+  const select = document.getElementById("counts-camera");
+  const picked = select.value;
+  const names = new Set(await api("api/cameras"));
+  if (picked) names.add(picked);
+  const wanted = [...names].sort();
+  const shown = [...select.options].slice(1).map((option) => option.value);
+  if (shown.join("\n") === wanted.join("\n")) return;
+  const options = wanted.map((name) => {
+    const option = element("option", name);
+    option.value = name;
+    return option;
+  });
+  select.replaceChildren(select.options[0], ...options);
+  select.value = picked;
+}
+
+async function refreshCounts() {
+  const asked = ++countsAsked;
+  const query = countsQuery();
+  const message = document.getElementById("counts-error");
+  // An <a> cannot send a header: the download carries the token in its URL.
+  document.getElementById("counts-csv").href = withToken(`api/counts.csv?${query}`);
+  let counts;
+  try {
+    [counts] = await Promise.all([api(`api/counts?${query}`), refreshCameras()]);
+  } catch (error) {
+    if (asked === countsAsked) message.textContent = `Cannot read the counts: ${error.message}`;
+    return;
+  }
+  if (asked !== countsAsked) return; // the range or camera changed meanwhile
+  message.textContent = "";
+  lastCounts = counts;
+  showCounts();
+}
+
+// One bar per period from the range's start to its end, empty ones included.
+function countBins(counts) {
+  const periodS = PERIOD_S[counts.by];
+  const from = Date.parse(counts.from) / 1000;
+  const to = Date.parse(counts.to) / 1000;
+  const bins = new Map();
+  for (let t = Math.floor(from / periodS) * periodS; t < to; t += periodS) {
+    bins.set(t, { t, groups: {} });
+  }
+  for (const row of counts.rows) {
+    if (!bins.has(row.start_unix)) bins.set(row.start_unix, { t: row.start_unix, groups: {} });
+    const groups = bins.get(row.start_unix).groups;
+    groups[row.age_group] = (groups[row.age_group] || 0) + row.people;
+  }
+  return [...bins.values()].sort((a, b) => a.t - b.t);
+}
+
+function formatSpan(counts) {
+  const shown = (iso) => iso.slice(0, 16).replace("T", " ");
+  return `${shown(counts.from)} to ${shown(counts.to)} UTC · ${counts.camera || "all cameras"}`;
+}
+
+function showCounts() {
+  const counts = lastCounts;
+  if (!counts) return;
+  const { totals } = counts;
+  document.getElementById("counts-total").textContent = String(totals.people);
+  document.getElementById("counts-span").textContent = formatSpan(counts);
+  document.querySelectorAll(".counts-period").forEach((node) => { node.textContent = counts.by; });
+  drawBars(document.getElementById("chart-age"), countBins(counts), counts.by);
+  drawLegend(document.getElementById("legend-age"), AGE_GROUPS, totals.age_groups, totals.people);
+  drawSplit(document.getElementById("gender-split"), totals.genders, totals.people);
+  drawLegend(document.getElementById("legend-gender"), GENDERS, totals.genders, totals.people);
+}
+
+function percent(count, total) {
+  return total ? Math.round((100 * count) / total) : 0;
+}
+
+// Each key's count over the range and its share of everyone counted.
+function drawLegend(container, keys, counts, total) {
+  const items = keys.map((key) => {
+    const count = counts[key] || 0;
+    const item = element("li");
+    item.dataset.key = key;
+    const swatch = element("span", undefined, "swatch");
+    swatch.style.background = COLOURS[key];
+    item.append(swatch, `${key}: `, element("span", String(count), "count"),
+      element("span", ` (${percent(count, total)}%)`, "muted"));
+    return item;
+  });
+  container.replaceChildren(...items);
+}
+
+// A bar split by gender, each part as wide as its share.
+function drawSplit(container, genders, total) {
+  const parts = GENDERS.filter((key) => genders[key] > 0).map((key) => {
+    const part = element("span");
+    part.style.background = COLOURS[key];
+    part.style.flexGrow = String(genders[key]);
+    part.title = `${key}: ${genders[key]}`;
+    return part;
+  });
+  container.replaceChildren(...parts);
+  const shares = GENDERS.map((key) => `${key} ${percent(genders[key] || 0, total)}%`);
+  container.setAttribute("aria-label", total ? shares.join(", ") : "no one counted");
+}
 
 // Sizes the canvas's pixels to its shown size; returns the 2D context in CSS pixels.
 function fitCanvas(canvas) {
@@ -268,12 +403,11 @@ function fitCanvas(canvas) {
   return { context, width, height };
 }
 
-function drawAxes(context, box, yMax, now) {
+function drawYAxis(context, box, yMax, step) {
   context.strokeStyle = "#e3e3e3";
   context.fillStyle = "#666";
   context.font = "11px system-ui, sans-serif";
   context.lineWidth = 1;
-  const step = Math.max(1, Math.ceil(yMax / 4));
   context.textAlign = "right";
   context.textBaseline = "middle";
   for (let value = 0; value <= yMax; value += step) {
@@ -284,102 +418,62 @@ function drawAxes(context, box, yMax, now) {
     context.stroke();
     context.fillText(String(value), box.left - 4, y);
   }
+}
+
+// Hours as 13:00, days as 05-01 (UTC), as many as fit without overlapping.
+function drawTimeLabels(context, box, bins, slot, by) {
+  const every = Math.ceil(bins.length / Math.max(1, Math.floor((box.right - box.left) / 56)));
+  context.fillStyle = "#666";
   context.textAlign = "center";
   context.textBaseline = "top";
-  for (let minutes = HISTORY_MINUTES; minutes >= 0; minutes -= HISTORY_MINUTES / 2) {
-    const edge = { [HISTORY_MINUTES]: "left", 0: "right" };
-    context.textAlign = edge[minutes] || "center";
-    const label = minutes === 0 ? "now" : `−${minutes} min`;
-    context.fillText(label, box.x(now - minutes * 60), box.bottom + 4);
-  }
+  bins.forEach((bin, i) => {
+    if (i % every) return;
+    const iso = isoSeconds(bin.t);
+    const label = by === "hour" ? iso.slice(11, 16) : iso.slice(5, 10);
+    context.fillText(label, box.left + (i + 0.5) * slot, box.bottom + 4);
+  });
 }
 
-// Stacked step areas: each bin holds its counts until the next bin starts.
-function drawStack(context, box, bins, keys, pick, binSeconds) {
-  const base = bins.map(() => 0);
-  for (const key of keys) {
-    const top = bins.map((bin, i) => base[i] + (pick(bin)[key] || 0));
-    context.beginPath();
-    bins.forEach((bin, i) => {
-      const x0 = box.x(bin.t);
-      const x1 = box.x(bin.t + binSeconds);
-      if (i === 0) context.moveTo(x0, box.y(top[i]));
-      else context.lineTo(x0, box.y(top[i]));
-      context.lineTo(x1, box.y(top[i]));
-    });
-    for (let i = bins.length - 1; i >= 0; i--) {
-      context.lineTo(box.x(bins[i].t + binSeconds), box.y(base[i]));
-      context.lineTo(box.x(bins[i].t), box.y(base[i]));
-    }
-    context.closePath();
-    context.fillStyle = COLOURS[key];
-    context.fill();
-    top.forEach((value, i) => { base[i] = value; });
-  }
-  return Math.max(0, ...base);
-}
-
-function drawChart(canvas, bins, keys, pick) {
+// Bars stacked by age group, one per period.
+function drawBars(canvas, bins, by) {
   const { context, width, height } = fitCanvas(canvas);
-  const now = Date.now() / 1000;
-  const start = now - HISTORY_MINUTES * 60;
-  const shown = bins.filter((bin) => bin.t + 10 > start);
-  const binSeconds = shown.length > 1 ? shown[1].t - shown[0].t : 10;
-  const totals = shown.map((bin) => keys.reduce((sum, key) => sum + (pick(bin)[key] || 0), 0));
-  const yMax = Math.max(1, ...totals);
+  const binTotal = (bin) => AGE_GROUPS.reduce((sum, key) => sum + (bin.groups[key] || 0), 0);
+  const totals = bins.map(binTotal);
+  const step = Math.max(1, Math.ceil(Math.max(1, ...totals) / 4));
+  const yMax = step * Math.ceil(Math.max(1, ...totals) / step);
   const box = { left: 32, right: width - 8, top: 8, bottom: height - 20 };
-  box.x = (t) => box.left + ((t - start) / (now - start)) * (box.right - box.left);
   box.y = (value) => box.bottom - (value / yMax) * (box.bottom - box.top);
-  drawAxes(context, box, yMax, now);
-  context.save();
-  context.beginPath();
-  context.rect(box.left, box.top - 1, box.right - box.left, box.bottom - box.top + 2);
-  context.clip();
-  drawStack(context, box, shown, keys, pick, binSeconds);
-  context.restore();
-  if (shown.length === 0) {
+  const slot = (box.right - box.left) / Math.max(1, bins.length);
+  drawYAxis(context, box, yMax, step);
+  bins.forEach((bin, i) => {
+    let base = 0;
+    for (const key of AGE_GROUPS) {
+      const value = bin.groups[key] || 0;
+      context.fillStyle = COLOURS[key];
+      context.fillRect(box.left + (i + 0.1) * slot, box.y(base + value), slot * 0.8,
+        box.y(base) - box.y(base + value));
+      base += value;
+    }
+  });
+  drawTimeLabels(context, box, bins, slot, by);
+  const people = totals.reduce((sum, value) => sum + value, 0);
+  if (people === 0) {
     context.fillStyle = "#999";
     context.textAlign = "center";
     context.textBaseline = "middle";
-    context.fillText("no one seen yet", (box.left + box.right) / 2, (box.top + box.bottom) / 2);
+    const middle = [(box.left + box.right) / 2, (box.top + box.bottom) / 2];
+    context.fillText("no one came into view", ...middle);
   }
-}
-
-// The legend gives each key's count in the newest bin (nobody when it is over 20 s old).
-function drawLegend(container, keys, last) {
-  const items = keys.map((key) => {
-    const item = element("span");
-    const swatch = element("span", undefined, "swatch");
-    swatch.style.background = COLOURS[key];
-    item.append(swatch, `${key}: ${last ? last[key] || 0 : 0}`);
-    return item;
-  });
-  container.replaceChildren(element("span", "now", "muted"), ...items);
-}
-
-function drawHistory() {
-  const bins = lastHistory;
-  const newest = bins.length ? bins[bins.length - 1] : null;
-  const last = newest && newest.t + 20 >= Date.now() / 1000 ? newest : null;
-  drawChart(document.getElementById("chart-age"), bins, AGE_GROUPS, (bin) => bin.age_groups);
-  drawChart(document.getElementById("chart-gender"), bins, GENDERS, (bin) => bin.genders);
-  drawLegend(document.getElementById("legend-age"), AGE_GROUPS, last && last.age_groups);
-  drawLegend(document.getElementById("legend-gender"), GENDERS, last && last.genders);
-}
-
-async function refreshHistory() {
-  try {
-    lastHistory = await api(`api/history?minutes=${HISTORY_MINUTES}`);
-  } catch (error) {
-    setConnection(`Cannot read the history: ${error.message}`);
-  }
-  drawHistory();
+  canvas.setAttribute("aria-label",
+    `bar chart: ${people} people by age group in ${bins.length} bars of one ${by} each`);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.querySelectorAll(".minutes").forEach((node) => { node.textContent = HISTORY_MINUTES; });
   document.getElementById("add-form").addEventListener("submit", addStream);
-  window.addEventListener("resize", drawHistory);
+  const countsForm = document.getElementById("counts-form");
+  countsForm.addEventListener("change", () => refreshCounts());
+  countsForm.addEventListener("submit", (event) => event.preventDefault());
+  window.addEventListener("resize", showCounts);
   repeat(refreshStreams, STREAMS_EVERY_MS);
-  repeat(refreshHistory, HISTORY_EVERY_MS);
+  repeat(refreshCounts, COUNTS_EVERY_MS);
 });
