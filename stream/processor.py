@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Detected:
     """A frame after detection: its RGB image, faces, scene signature and face looks
-    (stream.cuts), or the error that stopped it."""
+    (stream.cuts), or the error that stopped it; `outside`: the faces found outside the
+    stream's region of interest, left out of everything but blurring."""
 
     frame: Frame
     image_rgb: np.ndarray | None
@@ -32,6 +33,7 @@ class Detected:
     error: Exception | None = None
     scene: np.ndarray | None = None
     looks: np.ndarray | None = None
+    outside: Faces | None = None
 
     def found(self) -> tuple[np.ndarray, Faces]:
         """The RGB image and its faces; raises the error that stopped the detection."""
@@ -107,13 +109,17 @@ class FrameProcessor:
         timings: dict[str, float] = {}
         try:
             image_rgb, faces = self.analyzer.detect(frame.image, timings)
+            outside = None
             if self.region is not None:
-                faces = faces[in_region(faces, self.region, frame.image.shape)]
+                inside = in_region(faces, self.region, frame.image.shape)
+                faces, outside = faces[inside], faces[~inside]
             at = time.perf_counter()
             scene = scene_signature(frame.image) if self.cuts.threshold > 0 else None
             looks = face_looks(frame.image, faces.xyxy) if self.tracker.identity_threshold else None
             timings["scene"] = (time.perf_counter() - at) * 1000
-            return Detected(frame, image_rgb, faces, timings, scene=scene, looks=looks)
+            return Detected(
+                frame, image_rgb, faces, timings, scene=scene, looks=looks, outside=outside
+            )
         except Exception as error:
             return Detected(frame, None, None, timings, error)
 
@@ -168,6 +174,7 @@ class FrameProcessor:
             t_ms=t_ms,
             timings_ms=timings,
             cut=update.cut,
+            outside=detected.outside,
         )
         return result, gone
 

@@ -200,6 +200,8 @@ class ProcessingThread(threading.Thread):
     def _draw(self, result: FrameResult) -> np.ndarray:
         if self.drawing.blur:  # before the labels, which stay readable
             blur_faces(result.frame.image, result.faces)
+            if result.outside is not None:
+                blur_faces(result.frame.image, result.outside)
         stats = None
         if self.drawing.hud:
             stats = HudStats(self.meter.rate, self.source_fps(), self.capture.drops)

@@ -204,7 +204,9 @@ class FrameResult:
     is each face's view quality (stream.smoothing.view_quality). `track_ids` are the
     people's identities; `confirmed` is False for faces whose track is not yet confirmed
     (too few detections, or not yet a face to a second look): they get no label. `cut` is
-    True when the frame starts a new shot (every earlier track ended before it).
+    True when the frame starts a new shot (every earlier track ended before it). `outside`
+    are the faces found outside the stream's region of interest: not tracked, labelled or
+    counted, only blurred when faces are.
     """
 
     frame: Frame
@@ -218,6 +220,7 @@ class FrameResult:
     t_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
     cut: bool = False
+    outside: Faces | None = None
 
     def __post_init__(self) -> None:
         n = len(self.faces)

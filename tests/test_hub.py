@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -329,19 +330,43 @@ def test_given_a_stream_slow_to_finalize_when_the_hub_closes_then_it_waits_for_i
     assert not list(tmp_path.glob("*.partial.*"))
 
 
+def sharpness(image: np.ndarray, boxes: np.ndarray) -> list[float]:
+    """Laplacian variance of the middle of each box (off its outline and label)."""
+    values = []
+    for x1, y1, x2, y2 in boxes.astype(int):
+        dx, dy = (x2 - x1) // 4, (y2 - y1) // 4
+        crop = cv2.cvtColor(image[y1 + dy : y2 - dy, x1 + dx : x2 - dx], cv2.COLOR_BGR2GRAY)
+        if crop.size >= 64:
+            values.append(float(cv2.Laplacian(crop, cv2.CV_64F).var()))
+    return values
+
+
 def test_given_a_region_of_interest_then_only_faces_centred_in_it_are_tracked_and_counted(
     batcher: EstimateBatcher, tmp_path: Path
 ) -> None:
     seen: dict[str, list[np.ndarray]] = {"all": [], "left": []}
+    right_sharpness: dict[str, list[float]] = {"all": [], "left": []}
 
     def keep(stream_id: str, result: FrameResult, now: float) -> None:
-        seen[stream_id].append(result.faces.xyxy.copy() / result.frame.image.shape[1])
+        width = result.frame.image.shape[1]
+        seen[stream_id].append(result.faces.xyxy.copy() / width)
+        # The faces on the right half, as drawn: "left" blurs them though it ignores them.
+        boxes = result.faces.xyxy if result.outside is None else result.outside.xyxy
+        right = boxes[(boxes[:, 0] + boxes[:, 2]) / 2 >= width / 2]
+        right_sharpness[stream_id] += sharpness(result.frame.image, right)
 
+    blur_left = StreamEntry(
+        source=str(HAMILTON), roi=(0, 0, 0.5, 1), settings={"output": {"blur": True}}
+    )
     with StreamHub(Config(), batcher, on_result=keep) as hub:
         hub.add(str(HAMILTON), "all")
-        hub.add(str(HAMILTON), "left", StreamEntry(source=str(HAMILTON), roi=(0, 0, 0.5, 1)))
+        hub.add(str(HAMILTON), "left", blur_left)
         wait_for(lambda: min(s.frames for s in hub.streams()) >= 90, 60, "frames of both")
     centres = {name: np.concatenate(boxes)[:, [0, 2]].mean(axis=1) for name, boxes in seen.items()}
     # Hamilton's clip has faces on both halves of the frame.
     assert (centres["all"] < 0.5).any() and (centres["all"] >= 0.5).any()
     assert len(centres["left"]) and (centres["left"] < 0.5).all()
+    # Left out of the region, still blurred: privacy does not depend on where one stands.
+    assert right_sharpness["left"] and right_sharpness["all"]
+    blurred, sharp = np.median(right_sharpness["left"]), np.median(right_sharpness["all"])
+    assert blurred < sharp / 4, (blurred, sharp)
