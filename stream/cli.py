@@ -14,6 +14,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
+from estimators.base import first_line
 from stream.config import Config, ConfigError, load_config, override, package_version
 from stream.counts_command import EXIT_BROKEN_PIPE, add_counts_parser, cmd_counts
 from stream.native_log import native_stderr_to_logging
@@ -363,7 +364,7 @@ def _cmd_run(config: Config, args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, BrokenPipeError):
             raise
         except Exception as error:  # one bad input never stops the others
-            print(f"agestream: error: {source}: {_first_line(error)}", file=sys.stderr)
+            print(f"agestream: error: {source}: {first_line(error)}", file=sys.stderr)
             status = EXIT_ERROR
         if status == EXIT_INTERRUPTED:
             return status
@@ -600,10 +601,6 @@ def _interrupt_on_signals() -> None:
             signal.signal(signum, _raise_keyboard_interrupt)
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _reader_gone() -> int:
     """Standard output's reader went away (`agestream run X --json - | head`): end quietly, as
     a shell tool cut off by SIGPIPE does, with the outputs already finalized. Standard output
@@ -625,7 +622,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except Exception as error:
         if getattr(args, "verbose", False):
             log.exception("failed")
-        print(f"agestream: error: {_first_line(error)}", file=sys.stderr)
+        print(f"agestream: error: {first_line(error)}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stream.outputs import OutputError, write_report, write_whole
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, UNKNOWN, CountRow
-from stream.visits import StoreError, counts_csv, counts_json, open_store, redacted
+from stream.visits import StoreError, counts_csv, counts_json, open_store, redacted, utc_seconds
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -41,12 +41,9 @@ def parse_when(text: str, now: float | None = None) -> float:
     if ago:
         return now - float(ago.group(1)) * AGO_UNITS_S[ago.group(2)]
     try:
-        moment = datetime.fromisoformat(text.strip())
+        return utc_seconds(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {WHEN_HELP}, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def add_counts_parser(commands: argparse._SubParsersAction) -> None:

@@ -22,7 +22,6 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -34,6 +33,7 @@ from stream.connections import RateLimiter
 from stream.outputs import json_number
 from stream.sources import ReconnectPolicy, redact
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, UNKNOWN, CountRow, Visit
+from stream.visits import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ agestream_version = functools.cache(package_version)
 
 def iso_utc(unix_s: float) -> str:
     """`unix_s` as ISO 8601 UTC with milliseconds, such as 2025-05-01T14:03:07.250Z."""
-    moment = datetime.fromtimestamp(unix_s, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(unix_s, "milliseconds")
 
 
 def _visit_payload(event: str, visit: Visit, time_s: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from estimators.base import first_line
+from stream.connections import RateLimiter
 from stream.drain import BaseSink
 from stream.events_out import MqttPublisher, person_entered, person_left
 from stream.records import people_in_view
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 # An open visit (a person still in view) is saved this often, so that a crash or power loss
 # loses at most this much of it.
 SAVE_EVERY_S = 2.0
+# A store that keeps failing is named in the log at most this often.
+SAVE_WARN_EVERY_S = 60.0
 
 
 def wall_time(monotonic: float) -> float:
@@ -93,7 +96,7 @@ class VisitsSink(BaseSink):
         self._presence: Presence | None = None
         self._dirty: dict[int, Visit] = {}
         self._saved_at = time.monotonic()
-        self._failed_at = -1e9
+        self._warnings = RateLimiter(SAVE_WARN_EVERY_S)
 
     def start(self, stream: StreamStart) -> None:
         self._presence = Presence(stream)
@@ -117,9 +120,7 @@ class VisitsSink(BaseSink):
         try:
             self._store.save(list(self._dirty.values()))
         except Exception as error:  # noqa: BLE001 - the cameras go on; saved again next time
-            if time.monotonic() - self._failed_at > 60:
-                log.warning("cannot save visits (retrying): %s", first_line(error))
-                self._failed_at = time.monotonic()
+            self._warnings.log("cannot save visits (retrying): ", first_line(error))
             return
         self._dirty.clear()
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from estimators.base import first_line
 from stream.config import ConfigError, EventsConfig, ServeConfig
 from stream.events_out import MqttPublisher, Publisher, WebhookPublisher, hourly_counts
 from stream.people_sinks import EventPublisher
@@ -108,7 +109,7 @@ class HourlyCounts(threading.Thread):
             rows = self._store.counts(hour, hour + HOUR_S)
             cameras = self._cameras()
         except Exception as error:  # noqa: BLE001 - the next hour tries again
-            log.warning("cannot read the hour's counts: %s", str(error).splitlines()[0])
+            log.warning("cannot read the hour's counts: %s", first_line(error))
             return
         for camera in cameras:
             event = hourly_counts(

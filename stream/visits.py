@@ -528,9 +528,22 @@ def _count_order(row: CountRow) -> tuple[Any, ...]:
 COUNT_FIELDS = ("camera", "start_utc", "period", "age_group", "gender", "people")
 
 
-def utc_iso(seconds: float) -> str:
-    """Unix seconds as ISO 8601 UTC to the second: 2026-12-03T14:00:00Z."""
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_iso(seconds: float, timespec: str = "seconds") -> str:
+    """Unix seconds as ISO 8601 UTC with a Z, to `timespec` (datetime.isoformat's):
+    2026-12-03T14:00:00Z."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def utc_seconds(text: str) -> float:
+    """Unix seconds of an ISO 8601 date or time, UTC unless it names a zone; ValueError for
+    anything else."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except OverflowError as error:  # a year beyond what the platform's clock holds
+        raise ValueError(str(error)) from None
 
 
 def counts_csv(rows: Iterable[CountRow], file: TextIO) -> None:

@@ -62,7 +62,7 @@ from stream.types import (
     StreamStatus,
     TrackStatus,
 )
-from stream.visits import StoreError, counts_csv, counts_json
+from stream.visits import StoreError, counts_csv, counts_json, utc_iso, utc_seconds
 from stream.web_guard import HostPolicy, is_loopback, refusal
 
 log = logging.getLogger(__name__)
@@ -424,8 +424,7 @@ class CountsQuery:
 def iso_utc(seconds: float) -> str:
     """Unix seconds as ISO 8601 UTC with a Z, to the second (to the millisecond when it has a
     fraction)."""
-    spec = "seconds" if float(seconds).is_integer() else "milliseconds"
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+    return utc_iso(seconds, "seconds" if float(seconds).is_integer() else "milliseconds")
 
 
 def parse_instant(name: str, text: str) -> float:
@@ -435,11 +434,8 @@ def parse_instant(name: str, text: str) -> float:
         seconds = float(text)
     except ValueError:
         try:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            seconds = moment.timestamp()
-        except (ValueError, OverflowError):
+            seconds = utc_seconds(text)
+        except ValueError:
             seconds = math.nan
     if not 0 <= seconds <= LAST_UNIX_S:
         raise ApiError(
