@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,21 @@ JOIN_TIMEOUT_S = 2.0
 
 class BatcherError(RuntimeError):
     """A request was not answered: the batcher is closed or the model took too long."""
+
+
+def estimate_together(
+    estimator: Estimator, requests: Sequence[Mapping[CropSpec, np.ndarray]]
+) -> Estimates:
+    """ONE model call for the crops of every request, one after another (`take_rows` splits
+    the answer); RuntimeError when the model answers another number of rows."""
+    crops = {spec: np.concatenate([crops[spec] for crops in requests]) for spec in estimator.crops}
+    estimates = estimator.estimate(crops)
+    total = len(next(iter(crops.values()))) if crops else 0
+    if len(estimates) != total:
+        raise RuntimeError(
+            f"estimator {estimator.name!r} returned {len(estimates)} estimates for {total} faces"
+        )
+    return estimates
 
 
 @dataclasses.dataclass(eq=False)
@@ -189,16 +204,7 @@ class EstimateBatcher:
 
     def _call(self, batch: list[_Request]) -> Estimates:
         """One model call for every request of `batch`."""
-        crops = {
-            spec: np.concatenate([request.crops[spec] for request in batch]) for spec in self.crops
-        }
-        estimates = self.estimator.estimate(crops)
-        total = sum(request.faces for request in batch)
-        if len(estimates) != total:
-            raise RuntimeError(
-                f"estimator {self.name!r} returned {len(estimates)} estimates for {total} faces"
-            )
-        return estimates
+        return estimate_together(self.estimator, [request.crops for request in batch])
 
     def _run_batch(self, batch: list[_Request]) -> None:
         try:

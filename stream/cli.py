@@ -1,5 +1,5 @@
 """`agestream` command line: run (video or images), serve, evaluate, evaluate-video, report,
-bench, train, models."""
+bench, train, models, counts, cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from estimators.base import first_line
+from stream.cluster_command import add_cluster_parser, cmd_cluster
 from stream.config import Config, ConfigError, load_config, override, package_version
 from stream.counts_command import EXIT_BROKEN_PIPE, add_counts_parser, cmd_counts
 from stream.native_log import native_stderr_to_logging
@@ -90,6 +91,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="with --streams: also the largest N as live cameras at this FPS for --live-seconds",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="HOST:PORT|local",
+        help="with --streams: the largest N as live cameras (--live-fps, default 15) in one "
+        "process, then on this Ray cluster's nodes (local: a head and two 1-CPU workers "
+        "started on this machine); aggregate FPS and p95 of both",
+    )
+    parser.add_argument(
+        "--estimator-service",
+        action="store_true",
+        help="with --cluster: also the cluster with the Ray Serve estimator service",
+    )
 
 
 BLUR_HELP = "blur every face in every image written or served (labels stay)"
@@ -151,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (
         _add_run, _add_serve, _add_evaluate, _add_train, _add_evaluate_video, _add_report,
-        _add_bench, _add_models, add_counts_parser,
+        _add_bench, _add_models, add_counts_parser, add_cluster_parser,
     ):  # fmt: skip
         add(commands)
     return parser
@@ -195,6 +208,16 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--webhook", action="append", metavar="URL", help="POST events here; repeat for more"
     )
+    serve.add_argument(
+        "--cluster", metavar="HOST:PORT",
+        help="run the streams on the worker nodes of this Ray cluster (agestream cluster head; "
+        "pip install 'agestream[cluster]'); this process serves the page, API and metrics",
+    )  # fmt: skip
+    serve.add_argument(
+        "--estimator-service", action="store_true",
+        help="with --cluster: estimate in one Ray Serve deployment (a GPU pool), each node's "
+        "own model standing in when it does not answer in time",
+    )  # fmt: skip
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -257,9 +280,17 @@ def _add_evaluate_video(commands: argparse._SubParsersAction) -> None:
 def _add_report(commands: argparse._SubParsersAction) -> None:
     """`report`: the people report of a run."""
     report = commands.add_parser(
-        "report", help="per-person report of a run's JSON lines: CSV, snapshots, charts, html"
+        "report",
+        help="per-person report of a run's JSON lines or a stream's segments: CSV, snapshots, "
+        "charts, html",
     )
-    report.add_argument("jsonl", type=Path, help="the run's --json output")
+    report.add_argument(
+        "jsonl",
+        type=Path,
+        metavar="JSONL|FOLDER",
+        help="a run's --json output, or a stream's folder of segments (DIR/ID/ of serve "
+        "--cluster --output-dir DIR): one report over all of them, ids qualified per segment",
+    )
     report.add_argument(
         "--output", type=Path, required=True, metavar="DIR", help="new or empty folder to write"
     )
@@ -267,7 +298,8 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         "--source",
         type=Path,
         metavar="VIDEO",
-        help="the run's video file, for face snapshots (default: the file the run names)",
+        help="the run's video file, for face snapshots; for a folder, used for every segment "
+        "(default: the file each start record names)",
     )
     report.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -328,6 +360,7 @@ def _config_from(args: argparse.Namespace) -> Config:
             config, "serve", host=args.host, port=args.port, output_dir=args.output_dir,
             loop=True if args.loop else None, store=args.store, database=args.database,
             allowed_hosts=tuple(args.allowed_host) if args.allowed_host else None,
+            cluster=args.cluster, estimator_service=True if args.estimator_service else None,
         )  # fmt: skip
         config = override(config, "output", blur=True if args.blur else None)
         config = override(
@@ -489,9 +522,10 @@ def _cmd_report(config: Config, args: argparse.Namespace) -> int:
     from stream.reports.people import write_people_report
 
     report = write_people_report(args.jsonl, args.output, args.source)
+    segments = f", {len(report.run.segments)} segments" if report.run.segments else ""
     print(
         f"report: {report.people} people over {report.run.duration_s:.1f} s "
-        f"({report.run.frames} frames), {report.snapshots} snapshots; "
+        f"({report.run.frames} frames{segments}), {report.snapshots} snapshots; "
         f"wrote {report.directory / 'index.html'}"
     )
     return 0
@@ -589,6 +623,7 @@ COMMANDS = {
     "train": _cmd_train,
     "models": _cmd_models,
     "counts": lambda config, args: cmd_counts(args),
+    "cluster": lambda config, args: cmd_cluster(args),
 }
 
 

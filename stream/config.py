@@ -126,17 +126,23 @@ STREAM_SECTIONS = ("detector", "source", "tracking", "output")
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
+# A node label's key or value (`agestream cluster join --labels zone=hall`).
+LabelText = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
+
+
 @dataclass(frozen=True, config=STRICT)
 class StreamEntry:
     """One stream `agestream serve` starts with: a source argument, an optional id, the
     region of the frame whose faces count (`roi`: left, top, right, bottom as fractions of its
     width and height; a face counts when its box's centre is inside), and settings of its own
-    (`{section: {key: value}}` over the config's detector, source, tracking and output)."""
+    (`{section: {key: value}}` over the config's detector, source, tracking and output). With
+    `serve.cluster`, it runs on a node whose labels include all of `labels`."""
 
     source: Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)]
     id: Annotated[str, Field(min_length=1)] | None = None
     roi: tuple[Fraction, Fraction, Fraction, Fraction] | None = None
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labels: dict[LabelText, LabelText] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.roi is not None and not (self.roi[0] < self.roi[2] and self.roi[1] < self.roi[3]):
@@ -161,6 +167,10 @@ class ServeConfig:
     store: Literal["counts", "video"] = "counts"
     database: Annotated[str, Field(min_length=1)] | None = None
     streams: tuple[StreamEntry, ...] = ()
+    # A Ray cluster's head (HOST:PORT) to spread the streams over its worker nodes.
+    cluster: Annotated[str, Field(pattern=r"^[^\s:]+:\d{1,5}$")] | None = None
+    estimator_service: bool = False  # with cluster: estimate through one Ray Serve deployment
+    estimator_service_gpus: Annotated[float, Field(ge=0, le=64)] = 0.0  # each replica's GPUs
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -137,6 +137,40 @@ def _decodes(path: str) -> bool:
         capture.release()
 
 
+def new_stream_id(
+    stream_id: str | None, file_path: Path | None, taken: Container[str], cameras: Iterator[int]
+) -> str:
+    """`stream_id` checked, or the next free default: the file's stem (then -2, -3, ...) or
+    cam1, cam2, ... (numbers from `cameras`).
+
+    Raises:
+        ValueError: an empty, too long or malformed id; StreamIdInUse for one in `taken`.
+    """
+    if stream_id is not None:
+        stream_id = stream_id.strip()
+        if not stream_id:
+            raise ValueError("stream id must not be empty")
+        if len(stream_id) > MAX_ID_CHARS:
+            raise ValueError(
+                f"stream id is {len(stream_id)} characters long; at most {MAX_ID_CHARS}"
+            )
+        if not _VALID_ID.fullmatch(stream_id):
+            raise ValueError(
+                f"stream id {stream_id!r} must be letters, digits, '_', '.' or '-' "
+                "(it names the stream's output files)"
+            )
+        if stream_id in taken:
+            raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
+        return stream_id
+    if file_path is not None:
+        # Room for a "-n" suffix within MAX_ID_CHARS.
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", file_path.stem)[: MAX_ID_CHARS - 8]
+        stem = stem.strip("_.-") or "file"
+        candidates = (stem if n == 1 else f"{stem}-{n}" for n in range(1, 10**6))
+        return next(c for c in candidates if c not in taken)
+    return next(f"cam{n}" for n in cameras if f"cam{n}" not in taken)
+
+
 class LiveView(BaseSink):
     """A served stream's latest result and annotated image, its rates and the people in view,
     for the page and the API; `summary` counts its frames. Safe from any thread."""
@@ -219,9 +253,11 @@ class ServedStream(threading.Thread):
         outputs: OutputConfig | None,
         config: Config,
         region: tuple[float, float, float, float] | None,
+        moved_from: str | None = None,
     ) -> None:
         super().__init__(name=f"stream:{stream_id}", daemon=True)
         self.hub, self.id, self.source, self.output = hub, stream_id, source, outputs
+        self.moved_from = moved_from  # the cluster node it ran on before that node died
         # The hub's config with the stream's own settings; only faces centred in `region` count.
         self.config, self.region = config, region
         self.state = "starting"
@@ -289,7 +325,8 @@ class ServedStream(threading.Thread):
             return True
         info = source.info
         processor = build_processor(config, info, hub.estimator, stack, hub.embedder, self.region)
-        stream = stream_start(self.id, source, getattr(hub.estimator, "name", ""))
+        estimator = getattr(hub.estimator, "name", "")
+        stream = stream_start(self.id, source, estimator, hub.node, self.moved_from)
         sinks = self._sinks(stack, stream)
         start_sinks(sinks, stream)
         drawing = Drawing(
@@ -325,6 +362,7 @@ class ServedStream(threading.Thread):
             frames=frames,
             latency_ms_p95=p95,
             error=self.error,
+            node=self.hub.node,
         )
 
     def metrics(self) -> dict:
@@ -355,7 +393,33 @@ def _join_all(streams: list[ServedStream]) -> None:
             log.info("waiting for streams to stop: %s%s", shown, more)
 
 
-class StreamHub:
+class StoreCounts:
+    """A hub's counts from its visits store (StreamHub's and the cluster's ClusterHub's)."""
+
+    store: VisitStore | None
+
+    def served(self) -> set[str]:
+        """The ids of the streams served now."""
+        raise NotImplementedError
+
+    def counts(
+        self, start: float, end: float, camera: str | None = None, by: str = "hour"
+    ) -> list[CountRow]:
+        """People per camera, period, age group and gender from the visits store ([] without
+        one); ValueError for a bad range or `by`."""
+        if self.store is None:
+            if by not in ("hour", "day") or not start < end:
+                raise ValueError(f"by must be hour or day and from before to, got {by!r}")
+            return []
+        return self.store.counts(start, end, camera, by)
+
+    def cameras(self) -> list[str]:
+        """Every camera of the visits store and every stream now served, sorted."""
+        stored = set(self.store.cameras()) if self.store is not None else set()
+        return sorted(self.served() | stored)
+
+
+class StreamHub(StoreCounts):
     """Runs many streams in one process, all estimating through `estimator` (an
     `EstimateBatcher` shared by them; the hub does not close it).
 
@@ -372,6 +436,8 @@ class StreamHub:
         store: the visits store every stream saves its people's visits into (the hub does
             not close it), or None.
         publishers: where every stream's person_entered / person_left events go.
+        node: the cluster node this hub serves on (`serve --cluster`): each stream's
+            outputs become segments in a folder of their own (see `_new_name`).
     """
 
     def __init__(
@@ -385,8 +451,10 @@ class StreamHub:
         on_result: StreamResultHook | None = None,
         store: VisitStore | None = None,
         publishers: Sequence[EventPublisher] = (),
+        node: str | None = None,
     ) -> None:
         self.config = config
+        self.node = node
         self.estimator = estimator
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.loop_files = loop_files
@@ -399,7 +467,7 @@ class StreamHub:
         self._names: set[Path] = set()  # output names given to streams (see _new_name)
         self._lock = threading.Lock()
         self._closed = False
-        self._cameras = 0
+        self._cameras = itertools.count(1)  # numbers of the default ids cam1, cam2, ...
         # One face identity model for every stream: a session runs calls from many threads.
         self._models = ExitStack()
         self.embedder = face_embedder(config, self._models)
@@ -430,49 +498,29 @@ class StreamHub:
         return make_source(config, source, wait_at_start=True)
 
     def _new_id(self, stream_id: str | None, source: VideoSource) -> str:
-        """`stream_id` checked, or the next free default (file stem, or cam1, cam2, ...)."""
-        if stream_id is not None:
-            stream_id = stream_id.strip()
-            if not stream_id:
-                raise ValueError("stream id must not be empty")
-            if len(stream_id) > MAX_ID_CHARS:
-                raise ValueError(
-                    f"stream id is {len(stream_id)} characters long; at most {MAX_ID_CHARS}"
-                )
-            if not _VALID_ID.fullmatch(stream_id):
-                raise ValueError(
-                    f"stream id {stream_id!r} must be letters, digits, '_', '.' or '-' "
-                    "(it names the stream's output files)"
-                )
-            if stream_id in self._streams:
-                raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
-            return stream_id
-        if source.file_path is not None:
-            # Room for a "-n" suffix within MAX_ID_CHARS.
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.file_path.stem)[: MAX_ID_CHARS - 8]
-            stem = stem.strip("_.-") or "file"
-            candidates = (stem if n == 1 else f"{stem}-{n}" for n in range(1, 10**6))
-            return next(c for c in candidates if c not in self._streams)
-        while True:
-            self._cameras += 1
-            if f"cam{self._cameras}" not in self._streams:
-                return f"cam{self._cameras}"
+        return new_stream_id(stream_id, source.file_path, self._streams, self._cameras)
 
     def _new_name(self, stream_id: str) -> Path:
-        """`DIR/ID-<UTC start>` (then -2, -3, ...): a name no file (final or partial, of any
+        """`DIR/ID-<UTC start>` (then -2, -3, ...), or on a cluster node the segment
+        `DIR/ID/ID-<UTC start>-<node>`: a name no file (final or partial, of any
         output) and no stream of this hub has, so nothing earlier is ever replaced. A name
         ends in digits and a partial one in ".partial", so no id's partial file can be
         another id's final one."""
         assert self.output_dir is not None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        names = (f"{stream_id}-{stamp}" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+        folder, node = self.output_dir, ""
+        if self.node is not None:  # a segment: DIR/ID/ID-<UTC start>-<node>
+            folder, node = self.output_dir / stream_id, f"-{self.node}"
+            folder.mkdir(exist_ok=True)
+        stem = f"{stream_id}-{stamp}{node}"
+        names = (stem + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
         for name in names:
-            finals = [self.output_dir / (name + suffix) for suffix in OUTPUT_SUFFIXES]
+            finals = [folder / (name + suffix) for suffix in OUTPUT_SUFFIXES]
             taken = any(os.path.lexists(p) for f in finals for p in (f, partial_path(f)))
-            if self.output_dir / name not in self._names and not taken:
+            if folder / name not in self._names and not taken:
                 break
-        self._names.add(self.output_dir / name)
-        return self.output_dir / name
+        self._names.add(folder / name)
+        return folder / name
 
     def _output_config(self, stream_id: str, source: VideoSource) -> OutputConfig | None:
         if self.output_dir is None:
@@ -496,10 +544,11 @@ class StreamHub:
         source: str | VideoSource,
         stream_id: str | None = None,
         entry: StreamEntry | None = None,
+        moved_from: str | None = None,
     ) -> StreamStatus:
         """Start serving `source` (a source argument, or an unopened `VideoSource`) with the
         region and settings of `entry` (a config's stream entry); returns at once in state
-        "starting".
+        "starting". `moved_from`: the cluster node it ran on until that node died.
 
         Raises:
             ValueError: one line: empty, malformed or duplicate id, missing file, closed hub,
@@ -513,7 +562,7 @@ class StreamHub:
                 raise ValueError("the stream hub is closed")
             stream_id = self._new_id(stream_id, video)
             output = self._output_config(stream_id, video)
-            stream = ServedStream(self, stream_id, video, output, config, entry.roi)
+            stream = ServedStream(self, stream_id, video, output, config, entry.roi, moved_from)
             self._streams[stream_id] = stream
             # Started under the lock: a remove() racing this add finds a thread it can join.
             stream.start()
@@ -537,23 +586,9 @@ class StreamHub:
     def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None:
         return self._stream(stream_id).latest_jpeg(after)
 
-    def counts(
-        self, start: float, end: float, camera: str | None = None, by: str = "hour"
-    ) -> list[CountRow]:
-        """People per camera, period, age group and gender from the visits store ([] without
-        one); ValueError for a bad range or `by`."""
-        if self.store is None:
-            if by not in ("hour", "day") or not start < end:
-                raise ValueError(f"by must be hour or day and from before to, got {by!r}")
-            return []
-        return self.store.counts(start, end, camera, by)
-
-    def cameras(self) -> list[str]:
-        """Every camera of the visits store and every stream now served, sorted."""
+    def served(self) -> set[str]:
         with self._lock:
-            served = set(self._streams)
-        stored = set(self.store.cameras()) if self.store is not None else set()
-        return sorted(served | stored)
+            return set(self._streams)
 
     def metrics(self) -> dict:
         with self._lock:

@@ -10,6 +10,7 @@ from stream.config import package_version
 from stream.outputs import json_number
 from stream.sources import SourceEvent
 from stream.types import GENDER_NAMES, AnnotatedFrame, FrameResult, StreamStart, TrackStatus
+from stream.visits import utc_iso
 
 
 def gender_confidence(gender: str | None, p_male: float) -> float | None:
@@ -94,7 +95,7 @@ def start_record(stream: StreamStart) -> dict:
     """The JSON-lines file's first record: what was run on what (`agestream report` finds the
     video for its snapshots here)."""
     info = stream.info
-    return {
+    record: dict = {
         "event": "start",
         "t_ms": 0.0,
         "source": stream.source,
@@ -105,6 +106,15 @@ def start_record(stream: StreamStart) -> dict:
         "estimator": stream.estimator,
         "agestream": package_version(),
     }
+    if stream.node is not None:  # a segment of a cluster stream: where and when it ran
+        record |= {"node": stream.node, "started": utc_iso(stream.wall_start, "milliseconds")}
+    return record
+
+
+def moved_record(stream: StreamStart) -> dict:
+    """The record after the start record of a cluster stream restarted on another node: its
+    person ids start over here."""
+    return {"event": "moved", "t_ms": 0.0, "from_node": stream.moved_from, "node": stream.node}
 
 
 def _finite(value: float) -> float | None:

@@ -1,8 +1,10 @@
-"""`agestream serve`: several sources in one process behind one batched estimator, with the
-live page and JSON API, until Ctrl-C or SIGTERM; every stream's outputs are finalized then."""
+"""`agestream serve`: several sources in one process behind one batched estimator (or spread
+over a Ray cluster's nodes with `--cluster`), with the live page and JSON API, until Ctrl-C or
+SIGTERM; every stream's outputs are finalized then."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 
 from estimators import create_estimator
 from stream.batcher import EstimateBatcher
-from stream.config import Config, StreamEntry
+from stream.cluster import ClusterHub, import_ray
+from stream.config import Config, ConfigError, StreamEntry
 from stream.hub import StreamHub
 from stream.site_outputs import HourlyCounts, open_publishers, store_target, video_dir
 from stream.stages import ignore_interrupts_while_finishing
@@ -53,6 +56,10 @@ def serve(config: Config, options: ServeOptions, stop: threading.Event) -> list[
     """
     settings = config.serve
     check_exposure(settings.host, options.token)
+    if settings.cluster is not None:
+        import_ray()  # before anything loads: one line naming the extra
+    elif settings.estimator_service:
+        raise ConfigError("estimator_service (--estimator-service) needs a cluster (--cluster)")
     output_dir = video_dir(settings)
     entries = starting_streams(config, options.sources)
     if not entries:
@@ -63,18 +70,35 @@ def serve(config: Config, options: ServeOptions, stop: threading.Event) -> list[
         kept = f"annotated video in {output_dir}" if output_dir else "no image or video"
         log.info("keeping visits and counts in %s; %s", redacted(target), kept)
         publishers = open_publishers(config.events, stack)
-        estimator = create_estimator(config.estimator, config.models_dir)
-        batcher = stack.enter_context(
-            EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms)
-        )
-        hub = StreamHub(
-            config, batcher, output_dir, settings.loop, store=store, publishers=publishers
-        )
+        hub: StreamHub | ClusterHub
+        if settings.cluster is not None:
+            hub = ClusterHub(cluster_config(config, target), settings.cluster, store, publishers)
+        else:
+            estimator = create_estimator(config.estimator, config.models_dir)
+            batcher = stack.enter_context(
+                EstimateBatcher(estimator, settings.max_batch, settings.max_wait_ms)
+            )
+            hub = StreamHub(
+                config, batcher, output_dir, settings.loop, store=store, publishers=publishers
+            )
         return _run_hub(hub, entries, config, options, stop)
 
 
+def cluster_config(config: Config, store: str) -> Config:
+    """The config the nodes get: the output folder and the visits store the head resolved,
+    as absolute paths (a node does not share the head's working folder or home)."""
+    settings = config.serve
+    output_dir = settings.output_dir
+    if output_dir is not None:
+        output_dir = os.path.abspath(os.path.expanduser(output_dir))
+    if "://" not in store:
+        store = os.path.abspath(os.path.expanduser(store))
+    serve = dataclasses.replace(settings, output_dir=output_dir, database=store)
+    return dataclasses.replace(config, serve=serve)
+
+
 def _run_hub(
-    hub: StreamHub,
+    hub: StreamHub | ClusterHub,
     entries: list[StreamEntry],
     config: Config,
     options: ServeOptions,

@@ -23,7 +23,7 @@ import numpy as np
 from stream.config import OutputConfig
 from stream.drain import BaseSink
 from stream.outputs import OutputError, PartialFile
-from stream.records import event_record, frame_record, start_record
+from stream.records import event_record, frame_record, moved_record, start_record
 from stream.sources import SourceEvent
 from stream.track_report import TrackLedger, TrackSummary
 from stream.types import AnnotatedFrame, StreamStart
@@ -248,6 +248,8 @@ class RunOutputs(BaseSink):
 
     def start(self, stream: StreamStart) -> None:
         self._write_record(start_record(stream))
+        if stream.moved_from is not None:
+            self._write_record(moved_record(stream))
 
     def frame(self, frame: AnnotatedFrame) -> None:
         """One processed frame to every output."""

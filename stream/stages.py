@@ -349,11 +349,18 @@ def build_processor(
     return FrameProcessor(analyzer, config.tracking, info.fps, region)
 
 
-def stream_start(camera: str, source: VideoSource, estimator: str) -> StreamStart:
-    """What the sinks learn of an opened `source` as `camera` starts: a new incarnation id
-    (UTC start and a random tag: unique across restarts, even within a second)."""
+def stream_start(
+    camera: str,
+    source: VideoSource,
+    estimator: str,
+    node: str | None = None,
+    moved_from: str | None = None,
+) -> StreamStart:
+    """What the sinks learn of an opened `source` as `camera` starts (on cluster `node`, moved
+    there from `moved_from`): a new incarnation id (UTC start and a random tag: unique
+    across restarts, even within a second)."""
     file_path = source.file_path
     started = time.time()
     run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + secrets.token_hex(3)
     shown = str(file_path.resolve()) if file_path is not None else source.info.source_id
-    return StreamStart(camera, run, source.info, shown, estimator, started)
+    return StreamStart(camera, run, source.info, shown, estimator, started, node, moved_from)

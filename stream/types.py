@@ -289,6 +289,7 @@ class StreamStatus:
         frames: frames processed so far.
         latency_ms_p95: capture to annotated frame, 95th percentile over the last frames.
         error: why the stream failed, or None.
+        node: the cluster node serving it (`serve --cluster`), else None.
     """
 
     id: str
@@ -301,6 +302,7 @@ class StreamStatus:
     frames: int
     latency_ms_p95: float | None
     error: str | None = None
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,8 @@ class StreamStart:
         source: an absolute file path, or the URL with its credentials redacted.
         estimator: the estimator's name.
         wall_start: time.time() when the stream started.
+        node: the cluster node it runs on (`serve --cluster`), else None.
+        moved_from: the node it ran on before that node died, else None.
     """
 
     camera: str
@@ -342,6 +346,8 @@ class StreamStart:
     source: str
     estimator: str
     wall_start: float
+    node: str | None = None
+    moved_from: str | None = None
 
 
 # The age group and gender a person is counted under when the model gave none.

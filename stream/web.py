@@ -50,7 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from stream.config import ConfigError
+from stream.config import ConfigError, StreamEntry
 from stream.connections import ConnectionCap, RateLimiter
 from stream.outputs import json_number
 from stream.types import (
@@ -102,7 +102,9 @@ class Hub(Protocol):
 
     def streams(self) -> list[StreamStatus]: ...
     def status(self, stream_id: str) -> StreamStatus: ...
-    def add(self, source: str, stream_id: str | None = None) -> StreamStatus: ...
+    def add(
+        self, source: str, stream_id: str | None = None, entry: StreamEntry | None = None
+    ) -> StreamStatus: ...
     def remove(self, stream_id: str) -> None: ...
     def latest_jpeg(self, stream_id: str, after: int = -1) -> tuple[int, bytes] | None: ...
     def counts(
@@ -316,6 +318,7 @@ def stream_json(status: StreamStatus, with_tracks: bool) -> dict[str, Any]:
         "frames": int(status.frames),
         "latency_ms_p95": json_number(status.latency_ms_p95, 1),
         "error": status.error,
+        "node": status.node,
     }
 
 
@@ -362,15 +365,19 @@ async def _read_json(request: web.Request, usage: str) -> object:
         raise ApiError(400, f"the body is not JSON: {usage}") from None
 
 
-async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
-    """The source and optional id of a POST /api/streams body, or ApiError 400."""
-    usage = 'send a JSON object {"source": "rtsp://... | video file | webcam index", "id": "name"}'
+async def _read_add_body(request: web.Request) -> tuple[str, str | None, StreamEntry | None]:
+    """The source, optional id and, with labels, the stream entry of a POST /api/streams
+    body, or ApiError 400."""
+    usage = (
+        'send a JSON object {"source": "rtsp://... | video file | webcam index", "id": "name", '
+        '"labels": {"zone": "east"}} (id and labels optional)'
+    )
     body = await _read_json(request, usage)
     if not isinstance(body, dict):
         raise ApiError(400, f"the body is not a JSON object: {usage}")
-    unknown = sorted(set(body) - {"source", "id"})
+    unknown = sorted(set(body) - {"source", "id", "labels"})
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}, expecting source and id")
+        raise ApiError(400, f"unknown field {unknown[0]!r}, expecting source, id and labels")
     source, stream_id = body.get("source"), body.get("id")
     if isinstance(source, int) and not isinstance(source, bool):
         source = str(source)  # a webcam index
@@ -380,15 +387,31 @@ async def _read_add_body(request: web.Request) -> tuple[str, str | None]:
         raise ApiError(400, f'"source" is longer than {MAX_SOURCE_CHARS} characters')
     if stream_id is not None and not isinstance(stream_id, str):
         raise ApiError(400, f'"id" must be a string, got {json.dumps(stream_id)}')
-    return source.strip(), stream_id
+    return source.strip(), stream_id, _labelled_entry(source.strip(), body.get("labels"))
+
+
+def _labelled_entry(source: str, labels: object) -> StreamEntry | None:
+    """The stream entry that places the stream by `labels` (cluster mode), None without."""
+    if labels is None:
+        return None
+    try:
+        return StreamEntry(source=source, labels=labels)  # type: ignore[arg-type]
+    except ValueError:  # pydantic's ValidationError
+        raise ApiError(
+            400,
+            '"labels" must be an object of names to values, each 1 to 63 letters, digits, '
+            '"_", ".", "-" or "/", e.g. {"zone": "east"}',
+        ) from None
 
 
 async def _add_stream(request: web.Request) -> web.Response:
-    source, stream_id = await _read_add_body(request)
+    source, stream_id, entry = await _read_add_body(request)
     hub = request.app[HUB]
     loop = asyncio.get_running_loop()
     try:
-        status = await loop.run_in_executor(request.app[EXECUTOR], hub.add, source, stream_id)
+        status = await loop.run_in_executor(
+            request.app[EXECUTOR], hub.add, source, stream_id, entry
+        )
     except ValueError as error:
         message = (str(error).strip().splitlines() or ["bad source or id"])[0]
         raise ApiError(409 if isinstance(error, StreamIdInUse) else 400, message) from None
@@ -650,10 +673,14 @@ class HubCollector:
         snapshot = self.hub.metrics()
         yield from _stream_families(snapshot.get("streams") or [])
         yield from _batcher_families(snapshot.get("batcher") or {})
+        if "cluster" in snapshot:
+            yield from _cluster_families(snapshot["cluster"])
 
 
 def _stream_families(streams: list[dict]) -> Iterator[Metric]:
-    labels = ["stream"]
+    """Per-stream series, labelled `stream` (and `node` in a cluster)."""
+    on_nodes = any("node" in stream for stream in streams)
+    labels = ["stream", "node"] if on_nodes else ["stream"]
     count = GaugeMetricFamily("agestream_streams", "Streams being served")
     count.add_metric([], len(streams))
     frames = CounterMetricFamily("agestream_stream_frames", "Frames processed", labels=labels)
@@ -668,10 +695,10 @@ def _stream_families(streams: list[dict]) -> Iterator[Metric]:
         labels=labels,
     )
     state = GaugeMetricFamily(
-        "agestream_stream_state", "1 for the stream's current state", labels=["stream", "state"]
+        "agestream_stream_state", "1 for the stream's current state", labels=[*labels, "state"]
     )
     for stream in streams:
-        name = [str(stream["id"])]
+        name = [str(stream["id"])] + ([str(stream.get("node"))] if on_nodes else [])
         frames.add_metric(name, stream.get("frames") or 0)
         dropped.add_metric(name, stream.get("dropped") or 0)
         fps.add_metric(name, json_number(stream.get("fps"), 3) or 0.0)
@@ -692,6 +719,43 @@ def _batcher_families(batcher: dict) -> Iterator[Metric]:
     mean = GaugeMetricFamily("agestream_batcher_mean_batch", "Mean faces per batched call")
     mean.add_metric([], json_number(batcher.get("mean_batch"), 3) or 0.0)
     yield from (calls, faces, mean)
+
+
+def _cluster_families(cluster: dict) -> Iterator[Metric]:
+    """Nodes ready, streams moved off nodes that died, and each node's calls to the
+    estimator service."""
+    nodes = GaugeMetricFamily("agestream_cluster_nodes", "Worker nodes ready to serve streams")
+    nodes.add_metric([], cluster.get("nodes") or 0)
+    moved = CounterMetricFamily(
+        "agestream_cluster_reassignments", "Streams restarted on another node after theirs died"
+    )
+    moved.add_metric([], cluster.get("reassignments") or 0)
+    yield from (nodes, moved)
+    services = cluster.get("service") or []
+    if not services:
+        return
+    calls = CounterMetricFamily(
+        "agestream_estimator_service_calls",
+        "Batches sent to the estimator service",
+        labels=["node"],
+    )
+    fallbacks = CounterMetricFamily(
+        "agestream_estimator_service_fallbacks",
+        "Batches the node's own model estimated: the service did not answer in time",
+        labels=["node"],
+    )
+    latency = GaugeMetricFamily(
+        "agestream_estimator_service_latency_p95_seconds",
+        "Estimator service call, 95th percentile over the last calls",
+        labels=["node"],
+    )
+    for service in services:
+        node = [str(service.get("node"))]
+        calls.add_metric(node, service.get("calls") or 0)
+        fallbacks.add_metric(node, service.get("fallbacks") or 0)
+        if json_number(service.get("latency_p95_ms"), 3) is not None:
+            latency.add_metric(node, service["latency_p95_ms"] / 1000)
+    yield from (calls, fallbacks, latency)
 
 
 def _url_host(host: str) -> str:

@@ -12,6 +12,7 @@ from collections import Counter
 import cv2
 import numpy as np
 
+from stream.config import StreamEntry
 from stream.types import CountRow, StreamIdInUse, StreamStatus, TrackStatus, Visit
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -84,6 +85,7 @@ class FakeHub:
         self.size = size
         self.lock = threading.Lock()
         self.items: dict[str, FakeStream] = {}
+        self.entries: dict[str, StreamEntry | None] = {}  # what each POST placed it by
         self.removed: list[str] = []
         self.visits: list[Visit] = []  # the visits store: what counts() counts
         self.closed = False
@@ -96,7 +98,9 @@ class FakeHub:
         with self.lock:
             return self.items[stream_id].status()
 
-    def add(self, source: str, stream_id: str | None = None) -> StreamStatus:
+    def add(
+        self, source: str, stream_id: str | None = None, entry: StreamEntry | None = None
+    ) -> StreamStatus:
         if not source or source.startswith("bad:"):
             raise ValueError(f"cannot open {source!r}: not a webcam index, URL or video file")
         with self.lock:
@@ -108,6 +112,7 @@ class FakeHub:
                 raise StreamIdInUse(f"stream id {stream_id!r} is already in use")
             stream = FakeStream(stream_id, source, self.fps, self.size)
             self.items[stream_id] = stream
+            self.entries[stream_id] = entry
             return dataclasses.replace(stream.status(), state="starting")  # as the hub does
 
     def remove(self, stream_id: str) -> None:

@@ -190,7 +190,9 @@ def test_given_serve_streams_when_loaded_then_entries_are_checked(tmp_path: Path
 
     assert serve.port == 9000
     assert [(s.id, s.source) for s in serve.streams] == [("door", "door.mp4"), (None, 0)]
-    with pytest.raises(ConfigError, match=r"'serve\.streams\[0\]\.url'.*id, roi, settings, source"):
+    with pytest.raises(
+        ConfigError, match=r"'serve\.streams\[0\]\.url'.*id, labels, roi, settings, source"
+    ):
         load_config(write(tmp_path, "serve:\n  streams:\n    - {url: x}\n"))
     with pytest.raises(ConfigError, match=r"serve\.port"):
         load_config(write(tmp_path, "serve:\n  port: 70000\n"))

@@ -103,8 +103,9 @@ def test_given_two_streams_when_listed_then_each_has_its_stats_and_a_track_count
     assert door["fps"] == 20.0 and door["latency_ms_p95"] == 42.5
     assert set(door) == {
         "id", "source", "state", "fps", "faces", "tracks", "dropped", "frames",
-        "latency_ms_p95", "error",
+        "latency_ms_p95", "error", "node",
     }  # fmt: skip
+    assert door["node"] is None  # one process: no cluster node
 
 
 def test_given_a_stream_when_got_then_tracks_is_the_list_of_people_with_json_safe_values(
@@ -154,9 +155,12 @@ def test_when_a_stream_is_added_then_201_with_its_object_and_location(port: int,
         ({"id": "x"}, '"source" is missing or empty'),
         ({"source": "  "}, '"source" is missing or empty'),
         ({"source": "a.mp4", "id": 7}, '"id" must be a string, got 7'),
-        ({"source": "a.mp4", "name": "x"}, "unknown field 'name', expecting source and id"),
+        ({"source": "a.mp4", "name": "x"}, "unknown field 'name', expecting source, id and labels"),
         ({"source": "bad:camera"}, "cannot open 'bad:camera'"),  # the hub's ValueError
         ({"source": "a.mp4", "id": "no spaces"}, "invalid stream id 'no spaces'"),
+        ({"source": "a.mp4", "labels": ["zone"]}, '"labels" must be an object of names'),
+        ({"source": "a.mp4", "labels": {"zone": 3}}, '"labels" must be an object of names'),
+        ({"source": "a.mp4", "labels": {"zone": "a b"}}, '"labels" must be an object of names'),
     ],
 )
 def test_given_a_bad_body_or_source_when_added_then_400_saying_why(
@@ -184,6 +188,15 @@ def test_given_a_huge_or_deep_body_when_added_then_4xx_in_one_line(
     error = json.loads(data)["error"]
     assert code == status and error.startswith(message) and "\n" not in error, (code, error)
     assert len(hub.streams()) == 2
+
+
+def test_given_labels_when_added_then_the_hub_places_it_by_them(port: int, hub: FakeHub):
+    body = {"source": "gate.mp4", "id": "gate", "labels": {"zone": "east", "gpu": "yes"}}
+    status, stream = call_json(port, "POST", "/api/streams", body)
+    assert status == 201 and stream["node"] is None  # a single-process hub has no nodes
+    entry = hub.entries["gate"]
+    assert entry is not None and entry.labels == {"zone": "east", "gpu": "yes"}
+    assert entry.source == "gate.mp4"
 
 
 def test_given_an_id_in_use_when_added_again_then_409(port: int):

@@ -1,4 +1,5 @@
-"""Per-person report of a run, from its JSON lines: people.csv, face snapshots cut from the
+"""Per-person report of a run, from its JSON lines, or of a stream's segments (a cluster's
+folder of them, one per incarnation) as one run: people.csv, face snapshots cut from the
 source video, presence charts, counts.csv and a static index.html."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -23,7 +24,16 @@ import numpy as np
 
 from stream.outputs import PARTIAL, OutputError, failure, write_whole
 from stream.reports.flicker import RecordsError, read_numbered_records
+from stream.reports.segments import (
+    SegmentFile,
+    find_segments,
+    gaps,
+    offsets,
+    segment_node,
+    segment_start_s,
+)
 from stream.types import PERSON_AGE_GROUPS, SHOWN_GENDERS, person_age_group
+from stream.visits import utc_iso
 
 if TYPE_CHECKING:  # matplotlib is imported only when a chart is drawn
     from matplotlib.axis import Axis
@@ -57,13 +67,38 @@ CHARTS = (
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What the report says about the run as a whole."""
+    """What the report says about the run as a whole (a folder's: its segments together)."""
 
-    jsonl: Path
+    jsonl: Path  # the JSON-lines file, or the folder of a stream's segments
     source: str | None  # as the run's start event names it (a URL is already redacted)
     frames: int
     start_s: float
     duration_s: float  # each frame stands for one frame period
+    segments: tuple[Segment, ...] = ()  # in time order; none for one run
+
+    @property
+    def unwatched(self) -> list[tuple[float, float]]:
+        """The spans between segments when nobody was watched."""
+        return gaps([segment.span for segment in self.segments])
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One incarnation of a stream in a folder report; person ids restart at each."""
+
+    label: str  # "s1", "s2", ... in time order: its people's ids begin with it
+    jsonl: Path
+    partial: bool  # its node died, or it is still being written
+    node: str | None
+    started_s: float | None  # Unix seconds it began; None when nothing says
+    offset_s: float  # where its time 0 lies on the report's axis
+    run: RunInfo  # its own frames and span, in its own times
+    people: int
+
+    @property
+    def span(self) -> tuple[float, float]:
+        begin = self.offset_s + self.run.start_s
+        return begin, begin + self.run.duration_s
 
 
 @dataclass(frozen=True)
@@ -86,6 +121,12 @@ class Person:
     best_t_s: float
     best_box: tuple[float, float, float, float]
     seen_s: tuple[float, ...]
+    segment: str = ""  # its segment's label in a folder report, where ids restart
+
+    @property
+    def person_id(self) -> str:
+        """The id the report shows: the track, qualified by its segment ("s2-1") if any."""
+        return f"{self.segment}-{self.track}" if self.segment else str(self.track)
 
     @property
     def age_group(self) -> str:
@@ -98,11 +139,13 @@ class Person:
 
 @dataclass(frozen=True)
 class Bins:
-    """Presence over time: per bin, which people were seen in it."""
+    """Presence over time: per bin, which people (by `Person.person_id`) were seen in it."""
 
     start_s: float
     width_s: float
-    people: tuple[frozenset[int], ...]
+    people: tuple[frozenset[str], ...]
+    # Spans when nobody was watched (between segments); None: one run, watched throughout.
+    unwatched: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +261,13 @@ def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
     numbered = read_numbered_records(path)
     if not numbered:
         raise RecordsError(f"{path}: no frame records; is it the --json output of agestream run?")
+    return _run_of(path, numbered, start_event(path))
+
+
+def _run_of(
+    path: Path, numbered: list[tuple[int, dict]], start: dict
+) -> tuple[RunInfo, list[Person]]:
+    """`load_run` of the frame records read from `path`, after its start event `start`."""
     by_track: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
     for line, record in numbered:
         if abs(record["t_ms"]) > MAX_T_MS:
@@ -227,7 +277,6 @@ def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
             if face.get("track") is not None:
                 by_track[_check_face(face, f"{path}:{line}")].append((record, face))
     records = [record for _, record in numbered]
-    start = start_event(path)
     period_s = _frame_period_s(records, start)
     people = [_person(track, seen, period_s) for track, seen in by_track.items()]
     people.sort(key=lambda person: (person.first_s, person.track))
@@ -243,15 +292,79 @@ def load_run(path: Path) -> tuple[RunInfo, list[Person]]:
     return run, people
 
 
+def _shifted(person: Person, offset_s: float, segment: str) -> Person:
+    """`person` of a segment on the report's time axis, their id qualified by the segment."""
+    return replace(
+        person,
+        first_s=person.first_s + offset_s,
+        last_s=person.last_s + offset_s,
+        best_t_s=person.best_t_s + offset_s,
+        seen_s=tuple(t + offset_s for t in person.seen_s),
+        segment=segment,
+    )
+
+
+def _load_segments(folder: Path) -> list[tuple[SegmentFile, dict, RunInfo, list[Person]]]:
+    """Each segment of `folder` with its start event, run and people; a segment without a
+    frame record (its node stopped before the first frame) is left out with a warning."""
+    loaded = []
+    for file in find_segments(folder):
+        numbered = read_numbered_records(file.path)
+        if not numbered:
+            log.warning("%s: no frame records; leaving the segment out", file.path)
+            continue
+        start = start_event(file.path)
+        loaded.append((file, start, *_run_of(file.path, numbered, start)))
+    if not loaded:
+        raise RecordsError(f"{folder}: none of its segments holds a frame record")
+    return loaded
+
+
+def load_folder(folder: Path) -> tuple[RunInfo, list[Person]]:
+    """A stream's segments (`segments.find_segments`) as one run, on one time axis: seconds
+    since the first segment began. Each segment's people are distinct people, their ids
+    qualified by the segment ("s2-1": person 1 of the second segment).
+
+    Raises:
+        FileNotFoundError, RecordsError: one line naming the folder, or the file and line.
+    """
+    loaded = _load_segments(folder)
+    starts = [segment_start_s(file, start) for file, start, _, _ in loaded]
+    placed = offsets(starts, [run.start_s + run.duration_s for _, _, run, _ in loaded])
+    segments, people = [], []
+    in_time_order = sorted(range(len(loaded)), key=lambda index: placed[index])
+    for number, i in enumerate(in_time_order, start=1):
+        file, start, run, found = loaded[i]
+        label = f"s{number}"
+        node = segment_node(file, start)
+        segments.append(
+            Segment(label, file.path, file.partial, node, starts[i], placed[i], run, len(found))
+        )
+        people += [_shifted(person, placed[i], label) for person in found]
+    people.sort(key=lambda person: person.first_s)  # stable: segment, then track on a tie
+    begin = min(segment.span[0] for segment in segments)
+    sources = {segment.run.source for segment in segments}
+    run = RunInfo(
+        jsonl=folder.resolve(),  # "." has no name to show
+        source=sources.pop() if len(sources) == 1 else None,
+        frames=sum(segment.run.frames for segment in segments),
+        start_s=begin,
+        duration_s=max(segment.span[1] for segment in segments) - begin,
+        segments=tuple(segments),
+    )
+    return run, people
+
+
 def presence_bins(run: RunInfo, people: list[Person]) -> Bins:
     """At most `MAX_BINS` bins of at least 1 s; a person counts in every bin they were seen in."""
     width = max(1.0, run.duration_s / MAX_BINS)
     count = max(1, math.ceil(run.duration_s / width - 1e-9))
-    members: list[set[int]] = [set() for _ in range(count)]
+    members: list[set[str]] = [set() for _ in range(count)]
     for person in people:
         for t in person.seen_s:
-            members[min(count - 1, int((t - run.start_s) // width))].add(person.track)
-    return Bins(run.start_s, width, tuple(frozenset(m) for m in members))
+            members[min(count - 1, int((t - run.start_s) // width))].add(person.person_id)
+    unwatched = tuple(run.unwatched) if run.segments else None
+    return Bins(run.start_s, width, tuple(frozenset(m) for m in members), unwatched)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
@@ -266,11 +379,11 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def people_rows(people: list[Person], snapshots: dict[int, str]) -> list[list[str]]:
+def people_rows(people: list[Person], snapshots: dict[str, str]) -> list[list[str]]:
     """people.csv's rows (the html table shows the same)."""
     return [
         [
-            str(p.track),
+            p.person_id,
             _fmt(p.first_s, 3),
             _fmt(p.last_s, 3),
             _fmt(p.duration_s, 3),
@@ -285,27 +398,38 @@ def people_rows(people: list[Person], snapshots: dict[int, str]) -> list[list[st
             str(p.views),
             str(p.best_frame),
             _fmt(p.best_t_s, 3),
-            snapshots.get(p.track, ""),
+            snapshots.get(p.person_id, ""),
         ]  # fmt: skip
         for p in people
     ]
 
 
-def count_columns() -> list[str]:
+def count_columns(watched: bool = False) -> list[str]:
+    """counts.csv's header; `watched`: with the seconds of each bin someone watched (a
+    folder report, whose segments may leave gaps)."""
     groups = [f"age_{group}" for group in (*PERSON_AGE_GROUPS, UNKNOWN)]
-    return ["bin_start_s", "bin_end_s", "people", *groups, *SHOWN_GENDERS, "gender_unknown"]
+    columns = ["bin_start_s", "bin_end_s", "people", *groups, *SHOWN_GENDERS, "gender_unknown"]
+    return [*columns, "watched_s"] if watched else columns
+
+
+def _overlap_s(begin: float, end: float, spans: Sequence[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(end, b) - max(begin, a)) for a, b in spans)
 
 
 def count_rows(bins: Bins, people: list[Person]) -> list[list[object]]:
-    """counts.csv's rows: per bin, people seen, by age group and by gender."""
-    by_track = {person.track: person for person in people}
+    """counts.csv's rows: per bin, people seen, by age group and by gender (and, with
+    `bins.unwatched`, the seconds watched: 0 people in a bin nobody watched is no count)."""
+    by_id = {person.person_id: person for person in people}
     rows = []
     for i, members in enumerate(bins.people):
-        seen = [by_track[track] for track in members]
+        seen = [by_id[person] for person in members]
         groups = [sum(p.age_group == g for p in seen) for g in (*PERSON_AGE_GROUPS, UNKNOWN)]
         genders = [sum(p.gender_key == g for p in seen) for g in (*SHOWN_GENDERS, UNKNOWN)]
-        start = bins.start_s + i * bins.width_s
-        rows.append([f"{start:.3f}", f"{start + bins.width_s:.3f}", len(seen), *groups, *genders])
+        start, end = bins.start_s + i * bins.width_s, bins.start_s + (i + 1) * bins.width_s
+        row: list[object] = [f"{start:.3f}", f"{end:.3f}", len(seen), *groups, *genders]
+        if bins.unwatched is not None:
+            row.append(f"{bins.width_s - _overlap_s(start, end, bins.unwatched):.3f}")
+        rows.append(row)
     return rows
 
 
@@ -347,8 +471,9 @@ def face_crop(frame: np.ndarray, box: tuple[float, float, float, float]) -> np.n
     return crop
 
 
-def write_snapshots(directory: Path, people: list[Person], source: Path) -> dict[int, str]:
-    """snapshots/person-<id>.jpg of each person's best view; the relative paths by track."""
+def write_snapshots(directory: Path, people: list[Person], source: Path) -> dict[str, str]:
+    """snapshots/person-<id>.jpg of each person's best view; the relative paths by person id.
+    `people` are of one run (or segment): `source` is its video."""
     frames = read_frames(source, {person.best_frame for person in people})
     folder = directory / "snapshots"
     folder.mkdir(exist_ok=True)
@@ -357,21 +482,21 @@ def write_snapshots(directory: Path, people: list[Person], source: Path) -> dict
         frame = frames.get(person.best_frame)
         if frame is None:
             log.warning(
-                "no snapshot of person %d: %s has no frame %d (is it the run's source?)",
-                person.track, source, person.best_frame,
+                "no snapshot of person %s: %s has no frame %d (is it the run's source?)",
+                person.person_id, source, person.best_frame,
             )  # fmt: skip
             continue
         try:
             crop = face_crop(frame, person.best_box)
         except ValueError as error:
-            log.warning("no snapshot of person %d: %s", person.track, error)
+            log.warning("no snapshot of person %s: %s", person.person_id, error)
             continue
         ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
-            raise OutputError(f"cannot encode the snapshot of person {person.track}")
-        name = f"person-{person.track}.jpg"
+            raise OutputError(f"cannot encode the snapshot of person {person.person_id}")
+        name = f"person-{person.person_id}.jpg"
         write_whole(folder / name, jpeg.tobytes(), "snapshot")
-        written[person.track] = f"snapshots/{name}"
+        written[person.person_id] = f"snapshots/{name}"
     return written
 
 
@@ -380,6 +505,7 @@ COLORS = {
     "60+": "#bc80bd", "male": "#4c78a8", "female": "#e45756", "unsure": "#b7b7b7",
     UNKNOWN: "#dddddd",
 }  # fmt: skip
+UNWATCHED_COLOR = "#f2f2f2"
 
 
 def _png(figure: Figure) -> bytes:
@@ -398,14 +524,15 @@ def _whole_number_ticks(axis: Axis) -> None:
 
 
 def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> bytes:
-    """A stacked step chart of the people in view per bin, by "age_group" or "gender_key"."""
+    """A stacked step chart of the people in view per bin, by "age_group" or "gender_key";
+    the spans nobody watched shaded and hatched."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-    by_track = {person.track: person for person in people}
+    by_id = {person.person_id: person for person in people}
     keys = [*PERSON_AGE_GROUPS, UNKNOWN] if by == "age_group" else [*SHOWN_GENDERS, UNKNOWN]
     counts: dict[str, list[int]] = {key: [] for key in keys}
     for members in bins.people:
-        values = [getattr(by_track[track], by) for track in members]
+        values = [getattr(by_id[person], by) for person in members]
         for key in keys:
             counts[key].append(values.count(key))
     keys = [key for key in keys if any(counts[key])]  # no legend entries for empty groups
@@ -417,6 +544,12 @@ def presence_chart(bins: Bins, people: list[Person], by: str, title: str) -> byt
         series = [counts[key] + counts[key][-1:] for key in keys]
         colors = [COLORS[key] for key in keys]
         axes.stackplot(x, *series, labels=keys, colors=colors, step="post")
+    for i, (begin, end) in enumerate(bins.unwatched or ()):
+        label = "not watched" if i == 0 else None
+        axes.axvspan(
+            begin, end, facecolor=UNWATCHED_COLOR, hatch="//", edgecolor="#bbbbbb", label=label
+        )
+    if keys or bins.unwatched:
         axes.legend(loc="upper right", fontsize="small")
     axes.set(title=title, xlabel="time (s)", ylabel="people in view", xlim=(x[0], x[-1]))
     _whole_number_ticks(axes.yaxis)
@@ -462,7 +595,7 @@ th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; }
 
 def _card(person: Person, snapshot: str | None) -> str:
     if snapshot:
-        picture = f'<img src="{html.escape(quote(snapshot))}" alt="person {person.track}">'
+        picture = f'<img src="{html.escape(quote(snapshot))}" alt="person {person.person_id}">'
     else:
         picture = '<div class="placeholder">no snapshot: run report with --source VIDEO</div>'
     age = "age ?" if person.age is None else f"age {person.age:.0f}"
@@ -474,18 +607,71 @@ def _card(person: Person, snapshot: str | None) -> str:
     )
     text = "<br>".join(html.escape(line) for line in details)
     return (
-        f'<div class="card">{picture}<div><strong>person {person.track}</strong><br>'
-        f"{text}</div></div>"
+        f'<div class="card">{picture}<div><strong>person {html.escape(person.person_id)}'
+        f"</strong><br>{text}</div></div>"
     )
 
 
-def index_html(run: RunInfo, people: list[Person], snapshots: dict[int, str]) -> str:
-    """The static page: summary, snapshot cards, the people table and the charts."""
+SEGMENT_COLUMNS = ("segment", "node", "started (UTC)", "from_s", "to_s", "frames", "people", "file")
+
+
+def _segment_cells(segment: Segment) -> tuple[str, ...]:
+    begin, end = segment.span
+    started = "" if segment.started_s is None else utc_iso(segment.started_s, "milliseconds")
+    file = segment.jsonl.name + (" (its node stopped, or still written)" if segment.partial else "")
+    return (
+        segment.label, segment.node or "", started, f"{begin:.1f}", f"{end:.1f}",
+        str(segment.run.frames), str(segment.people), file,
+    )  # fmt: skip
+
+
+def _segment_count(run: RunInfo) -> str:
+    count = len(run.segments)
+    return f"{count} segment{'' if count == 1 else 's'}"
+
+
+def segments_html(run: RunInfo) -> str:
+    """The page's account of a stream's segments: their nodes, spans and the gaps between
+    them; nothing for one run."""
+    if not run.segments:
+        return ""
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in SEGMENT_COLUMNS)
+    rows = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _segment_cells(s)) + "</tr>"
+        for s in run.segments
+    )
+    unwatched = "".join(
+        f" Nobody was watched from {begin:.1f} to {end:.1f} s ({end - begin:.1f} s)."
+        for begin, end in run.unwatched
+    )
+    note = f"{_segment_count(run)}: the stream was started once"
+    if len(run.segments) > 1:
+        note = (
+            f"{_segment_count(run)}: the stream was started {len(run.segments)} times (a node "
+            "stopped and another took it over). Person ids restart at each segment: s2-1 is "
+            "person 1 of segment s2, someone else than s1-1"
+        )
+    note += ". Times are seconds since s1 began."
+    return f"""<h2>Segments</h2>
+<p class="segments">{html.escape(note + unwatched)}</p>
+<table id="segments">
+<thead><tr>{header}</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+"""
+
+
+def index_html(run: RunInfo, people: list[Person], snapshots: dict[str, str]) -> str:
+    """The static page: summary, segments (a folder's), snapshot cards, the people table and
+    the charts."""
     title = html.escape(f"People in {run.source or run.jsonl.name}")
+    where = run.jsonl.name + (f": {_segment_count(run)}" if run.segments else "")
     summary = html.escape(
-        f"{len(people)} people, {run.duration_s:.1f} s, {run.frames} frames (from {run.jsonl.name})"
+        f"{len(people)} people, {run.duration_s:.1f} s, {run.frames} frames (from {where})"
     )
-    cards = "\n".join(_card(person, snapshots.get(person.track)) for person in people)
+    cards = "\n".join(_card(person, snapshots.get(person.person_id)) for person in people)
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PEOPLE_COLUMNS)
     rows = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
@@ -500,7 +686,7 @@ def index_html(run: RunInfo, people: list[Person], snapshots: dict[int, str]) ->
 <body>
 <h1>{title}</h1>
 <p class="summary">{summary}</p>
-<h2>People</h2>
+{segments_html(run)}<h2>People</h2>
 <div class="cards">
 {cards}
 </div>
@@ -529,10 +715,20 @@ def _snapshot_source(source: Path | None, run: RunInfo) -> Path | None:
     if run.source and Path(run.source).is_file():
         return Path(run.source)
     log.warning(
-        "no snapshots: %s; pass the run's video with --source VIDEO to get them",
+        "no snapshots of the people of %s: %s; pass the run's video with --source VIDEO to "
+        "get them",
+        run.jsonl.name,
         f"source {run.source} is not a readable file" if run.source else "the run names no source",
     )
     return None
+
+
+def snapshot_sources(source: Path | None, run: RunInfo) -> dict[str, Path | None]:
+    """The video to cut snapshots from per segment label ("": the run's own): each
+    segment's from its own start event; `source` (--source) for every one when given."""
+    if not run.segments:
+        return {"": _snapshot_source(source, run)}
+    return {segment.label: _snapshot_source(source, segment.run) for segment in run.segments}
 
 
 def prepare_directory(directory: Path) -> Path:
@@ -553,9 +749,16 @@ def prepare_directory(directory: Path) -> Path:
     return partial
 
 
-def _write_files(folder: Path, run: RunInfo, people: list[Person], video: Path | None) -> int:
-    """The report's files into `folder`; the number of snapshots."""
-    snapshots = write_snapshots(folder, people, video) if video and people else {}
+def _write_files(
+    folder: Path, run: RunInfo, people: list[Person], videos: dict[str, Path | None]
+) -> int:
+    """The report's files into `folder`; the number of snapshots. `videos`: the
+    `snapshot_sources`."""
+    snapshots: dict[str, str] = {}
+    for segment, video in videos.items():
+        theirs = [person for person in people if person.segment == segment]
+        if video and theirs:
+            snapshots.update(write_snapshots(folder, theirs, video))
     bins = presence_bins(run, people)
     charts = (
         presence_chart(bins, people, "age_group", CHARTS[0][1]),
@@ -566,7 +769,7 @@ def _write_files(folder: Path, run: RunInfo, people: list[Person], video: Path |
         write_whole(folder / name, data, "chart")
     rows = people_rows(people, snapshots)
     write_whole(folder / "people.csv", _csv_text(PEOPLE_COLUMNS, rows), "people CSV")
-    counts = _csv_text(count_columns(), count_rows(bins, people))
+    counts = _csv_text(count_columns(bins.unwatched is not None), count_rows(bins, people))
     write_whole(folder / "counts.csv", counts, "counts CSV")
     page = index_html(run, people, snapshots).encode("utf-8")
     write_whole(folder / "index.html", page, "report page")
@@ -575,12 +778,15 @@ def _write_files(folder: Path, run: RunInfo, people: list[Person], video: Path |
 
 def write_people_report(jsonl: Path, directory: Path, source: Path | None = None) -> Report:
     """Everything the report holds, written into a partial folder beside `directory` (new or
-    empty) and renamed to it when whole: a report that fails leaves nothing behind."""
-    run, people = load_run(jsonl)
-    video = _snapshot_source(source, run)
+    empty) and renamed to it when whole: a report that fails leaves nothing behind.
+
+    `jsonl`: a run's JSON lines, or a stream's folder of segments (`load_folder`); `source`:
+    the video to cut snapshots from, for every segment of a folder."""
+    run, people = load_folder(jsonl) if jsonl.is_dir() else load_run(jsonl)
+    videos = snapshot_sources(source, run)
     partial = prepare_directory(directory)
     try:
-        snapshots = _write_files(partial, run, people, video)
+        snapshots = _write_files(partial, run, people, videos)
         os.replace(partial, directory)  # replaces an empty folder, never a full one
     except BaseException as error:
         shutil.rmtree(partial, ignore_errors=True)

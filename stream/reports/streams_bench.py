@@ -245,6 +245,8 @@ def run_streams_bench(config: Config, args: argparse.Namespace) -> int:
     counts = parse_streams(args.streams)
     if args.rounds < 0:
         raise ValueError(f"--rounds must be at least 0, got {args.rounds}")
+    if args.cluster:
+        return _cluster_bench(config, args, max(counts))
     results: dict = {"source": source}
     estimator = create_estimator(config.estimator, config.models_dir)
     serve = config.serve
@@ -256,6 +258,22 @@ def run_streams_bench(config: Config, args: argparse.Namespace) -> int:
                 config, source, max(counts), args.live_fps, args.live_seconds, batcher
             )
     print(format_streams_results(results), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        write_report(results, args.json)
+    return 0
+
+
+def _cluster_bench(config: Config, args: argparse.Namespace, streams: int) -> int:
+    """`bench VIDEO --streams N --cluster HOST:PORT|local`: see stream.reports.cluster_bench."""
+    from stream.reports.cluster_bench import cluster_bench, format_cluster_results
+
+    fps = args.live_fps or 15.0
+    with tempfile.TemporaryDirectory(prefix="agestream-bench-") as folder:
+        results = cluster_bench(
+            config, args.source, streams, fps, args.live_seconds, args.cluster,
+            args.estimator_service, Path(folder),
+        )  # fmt: skip
+    print(format_cluster_results(results), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         write_report(results, args.json)
     return 0

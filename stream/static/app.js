@@ -136,6 +136,10 @@ function formatNumber(value, digits, unit) {
 }
 
 function updateStats(card, stream) {
+  // In a cluster, the node serving it (it changes when a node dies and the stream moves).
+  const node = card.root.querySelector(".node");
+  node.hidden = !stream.node;
+  node.textContent = stream.node ? `on node ${stream.node}` : "";
   card.state.textContent = stream.state;
   card.state.className = `state ${stream.state}`;
   card.stats.textContent = [
