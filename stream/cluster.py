@@ -26,6 +26,7 @@ from typing import Any
 from estimators.base import first_line
 from stream.cluster_command import ClusterError, check_answers
 from stream.config import Config, ConfigError, StreamEntry
+from stream.connections import RateLimiter
 from stream.hub import STOP_TIMEOUT_S, StoreCounts, new_stream_id
 from stream.people_sinks import EventPublisher
 from stream.types import StreamStatus
@@ -64,7 +65,6 @@ class _Agent:
     node_id: str
     name: str
     labels: dict[str, str]
-    address: str
     handle: Any
     started: float
     ready: bool = False
@@ -188,11 +188,12 @@ class ClusterHub(StoreCounts):
     # The supervisor: node table, agents' answers, placement.
 
     def _supervise(self) -> None:
+        trouble = RateLimiter()  # a head whose Ray went away would fail every tick
         while not self._stop.wait(SUPERVISE_EVERY_S / 2):
             try:
                 self._tick()
             except Exception as error:  # noqa: BLE001 - the next tick tries again
-                log.warning("cluster: %s", first_line(error))
+                trouble.log("cluster: ", first_line(error))
 
     def _tick(self) -> None:
         alive = {
@@ -220,8 +221,8 @@ class ClusterHub(StoreCounts):
         handle = self._agent_class.options(
             num_cpus=0, max_concurrency=32, scheduling_strategy=strategy
         ).remote(self.config, name, self.config.serve.estimator_service)
-        agent = _Agent(node["NodeID"], name, labels, node["NodeManagerAddress"], handle, 0.0)
-        agent.started, agent.pending = time.monotonic(), handle.ready.remote()
+        agent = _Agent(node["NodeID"], name, labels, handle, time.monotonic())
+        agent.pending = handle.ready.remote()
         with self._lock:
             self._agents[agent.node_id] = agent
         log.info("node %s joined (labels %s): loading its models", name, labels or "none")

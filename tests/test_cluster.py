@@ -21,7 +21,7 @@ import cv2
 import pytest
 
 from stream.cli import main
-from stream.cluster_command import HEALTH_CHECK, process_tree
+from stream.cluster_command import HEAD_NODE_ARGS, process_tree
 from tests.conftest import SHARED, chromium_page, free_port, keep_screenshot, require, wait_for
 
 ray = pytest.importorskip("ray", reason="cluster mode needs Ray: pip install -e '.[cluster]'")
@@ -63,14 +63,11 @@ class RunningCluster:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RunningCluster]:
     """A head (no streams: it serves the page) and two workers labelled zone=a and zone=b,
-    with the health checks `agestream cluster head` ships; torn down by its own handles,
+    with the settings `agestream cluster head` runs it with; torn down by its own handles,
     and no Ray process of it may outlive it."""
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={
-            "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False,
-            "_system_config": HEALTH_CHECK,
-        },
+        head_node_args={"num_cpus": 1, "gcs_server_port": free_port(), **HEAD_NODE_ARGS},
     )  # fmt: skip
     running = RunningCluster(cluster, {}, set())
     try:

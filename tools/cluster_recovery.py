@@ -1,7 +1,7 @@
 """Cluster mode's node-failure recovery and memory on this machine (README, "Several machines").
 
 Not a CI test (tests/test_cluster.py kills one node). A local Ray cluster of a head and two
-worker nodes of one CPU each, with the health checks `agestream cluster head` ships, serves
+worker nodes of one CPU each, with the settings `agestream cluster head` runs it with, serves
 the given clips (looping, as cameras) through `ClusterHub`; then, KILLS times, the worker with
 the most streams is removed without grace (SIGKILL of its raylet and workers), the time until
 each of its streams runs on another node is taken, and a fresh worker joins for the next round.
@@ -23,7 +23,7 @@ from typing import Any
 from ray.cluster_utils import Cluster
 
 from stream.cluster import ClusterHub, node_name
-from stream.cluster_command import HEALTH_CHECK, process_tree
+from stream.cluster_command import HEAD_NODE_ARGS, process_tree
 from stream.config import load_config, override
 
 
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH_CHECK},
+        head_node_args={"num_cpus": 1, **HEAD_NODE_ARGS},
     )
     try:
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]

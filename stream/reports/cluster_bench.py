@@ -124,15 +124,15 @@ def on_cluster(config: Config, address: str, clip: Path, streams: int, seconds: 
 
 @contextmanager
 def local_cluster() -> Iterator[str]:
-    """A head and two worker nodes of one CPU each on this machine, with the health checks
-    `agestream cluster head` ships; its address, and the cluster stopped afterwards."""
+    """A head and two worker nodes of one CPU each on this machine, the head as `agestream
+    cluster head` runs it; its address, and the cluster stopped afterwards."""
     from ray.cluster_utils import Cluster
 
-    from stream.cluster_command import HEALTH_CHECK
+    from stream.cluster_command import HEAD_NODE_ARGS
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH_CHECK},
+        head_node_args={"num_cpus": 1, **HEAD_NODE_ARGS},
     )
     try:
         for _ in range(2):
