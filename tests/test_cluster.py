@@ -1,7 +1,7 @@
 """`agestream serve --cluster` on a real Ray cluster on this machine (a head and two worker
 nodes of one CPU each, started and stopped by the tests' own handles) with the shared clips:
-placement by load and labels, the API across nodes, a worker killed without grace, SIGTERM on
-the head, and no Ray process left behind."""
+placement by load and labels, the API across nodes, the estimator service, a worker killed
+without grace, SIGINT and SIGTERM on the head, and no Ray process left behind."""
 
 from __future__ import annotations
 
@@ -89,12 +89,12 @@ def node_name(node: Any) -> str:
 class Head:
     """`agestream serve --cluster` in a process of its own, its log in a file."""
 
-    def __init__(self, address: str, out: Path, log: Path, clips: list[str]) -> None:
+    def __init__(self, address: str, out: Path, log: Path, clips: list[str], *options: str) -> None:
         self.port, self.out, self.log = free_port(), out, log
         command = [sys.executable, "-m", "stream", "serve", "--cluster", address, "--loop"]
         command += ["--store", "video", "--output-dir", str(out), "--port", str(self.port)]
         with log.open("w") as sink:
-            self.process = subprocess.Popen([*command, *clips], stdout=sink, stderr=sink)
+            self.process = subprocess.Popen([*command, *options, *clips], stdout=sink, stderr=sink)
 
     def api(self, path: str, method: str = "GET", body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -202,22 +202,67 @@ def check_page_shows_nodes(head: Head, names: set[str], shot: Path) -> None:
     keep_screenshot(shot)
 
 
-def test_sigint_on_the_head_finalizes_every_nodes_segments(
+def service_calls(head: Head) -> dict[str, tuple[float, float]]:
+    """Each node's calls to the estimator service and its fallbacks, from /metrics."""
+    calls: dict[str, list[float]] = {}
+    for line in head.api("/metrics").splitlines():
+        for index, name in enumerate(("calls", "fallbacks")):
+            prefix = f'agestream_estimator_service_{name}_total{{node="'
+            if line.startswith(prefix):
+                node, _, value = line[len(prefix) :].partition('"} ')
+                calls.setdefault(node, [0.0, 0.0])[index] = float(value)
+    return {node: (each[0], each[1]) for node, each in calls.items()}
+
+
+def serve_processes(cluster: Cluster) -> list[str]:
+    """The cluster's Ray Serve actors still running (controller, replicas), by their titles."""
+    titles = []
+    for pid in cluster_pids(cluster):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if title.startswith("ray::Serve"):
+            titles.append(title)
+    return titles
+
+
+def service_warm(head: Head) -> bool:
+    """Both nodes have called the service at least 10 times."""
+    calls = service_calls(head)
+    return len(calls) == 2 and min(each for each, _ in calls.values()) >= 10
+
+
+def test_with_the_estimator_service_sigint_on_the_head_finalizes_every_nodes_segments(
     ray_cluster: RunningCluster, tmp_path: Path
 ) -> None:
     clips = [str(require(VIDEOS / clip)) for clip in CLIPS[:2]]
     names = {node_name(node) for node in ray_cluster.workers.values()}
-    head = Head(ray_cluster.cluster.address, tmp_path / "out", tmp_path / "head.log", clips)
+    address, out, log = ray_cluster.cluster.address, tmp_path / "out", tmp_path / "head.log"
+    head = Head(address, out, log, clips, "--estimator-service")
     try:
         wait_for(lambda: all_running(head, len(clips)), 180, "every stream to run")
         assert {s["node"] for s in head.streams().values()} == names
         check_page_shows_nodes(head, names, tmp_path / "cluster-page.png")
+        # Once warm, every node estimates through the service: a call that timed out (the
+        # replica's first ones) sends the next 2 s to the node's own model, so a service that
+        # never answered would show as many more fallbacks than calls.
+        wait_for(lambda: service_warm(head), 60, "both nodes' calls to the service")
+        before = service_calls(head)
+        time.sleep(FPS_WINDOW_S)
+        for node, (calls, fallbacks) in service_calls(head).items():
+            new_calls, new_fallbacks = calls - before[node][0], fallbacks - before[node][1]
+            assert new_calls > 0 and new_fallbacks <= new_calls, (node, before[node], calls)
+        assert set(before) == names
+        assert serve_processes(ray_cluster.cluster)  # the controller and the replica, now
         head.process.send_signal(signal.SIGINT)
         assert head.process.wait(timeout=120) == 0, head.log.read_text()[-3000:]
         for clip in CLIPS[:2]:
             final, partial = segments(head.out / Path(clip).stem)
             assert len(final) == 1 and not partial, (clip, final, partial)
             assert any("faces" in record for record in parsed(final[0]))
+        # The service's actors are detached: the head removes them, or they would stay.
+        wait_for(lambda: not serve_processes(ray_cluster.cluster), 30, "Serve's actors to end")
     finally:
         head.kill()
 
