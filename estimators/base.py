@@ -137,6 +137,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The exception a remote call raised where it ran, out of the wrapper that brought it
+    back (Ray's RayTaskError keeps it as `cause`), else `error` itself."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
 def load_failure(what: str, model: str | Path, error: BaseException) -> ModelLoadError:
     """One-line ModelLoadError for a model file or hub id that could not be loaded."""
     return ModelLoadError(

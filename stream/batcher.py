@@ -41,21 +41,6 @@ class BatcherError(RuntimeError):
     """A request was not answered: the batcher is closed or the model took too long."""
 
 
-def estimate_together(
-    estimator: Estimator, requests: Sequence[Mapping[CropSpec, np.ndarray]]
-) -> Estimates:
-    """ONE model call for the crops of every request, one after another (`take_rows` splits
-    the answer); RuntimeError when the model answers another number of rows."""
-    crops = {spec: np.concatenate([crops[spec] for crops in requests]) for spec in estimator.crops}
-    estimates = estimator.estimate(crops)
-    total = len(next(iter(crops.values()))) if crops else 0
-    if len(estimates) != total:
-        raise RuntimeError(
-            f"estimator {estimator.name!r} returned {len(estimates)} estimates for {total} faces"
-        )
-    return estimates
-
-
 @dataclasses.dataclass(eq=False)
 class _Request:
     crops: Mapping[CropSpec, np.ndarray]
@@ -77,6 +62,26 @@ def take_rows(estimates: Estimates, start: int, stop: int) -> Estimates:
         value = getattr(estimates, field.name)
         columns[field.name] = value[start:stop] if isinstance(value, np.ndarray) else value
     return Estimates(**columns)
+
+
+def estimate_each(
+    estimator: Estimator, requests: Sequence[Mapping[CropSpec, np.ndarray]]
+) -> list[Estimates]:
+    """ONE model call for the crops of every request, one after another, and each request's
+    rows of the answer, in order; RuntimeError when the model answers another number of rows."""
+    crops = {spec: np.concatenate([crops[spec] for crops in requests]) for spec in estimator.crops}
+    estimates = estimator.estimate(crops)
+    sizes = [len(request[estimator.crops[0]]) for request in requests]
+    if len(estimates) != sum(sizes):
+        raise RuntimeError(
+            f"estimator {estimator.name!r} returned {len(estimates)} estimates for "
+            f"{sum(sizes)} faces"
+        )
+    answers, start = [], 0
+    for size in sizes:
+        answers.append(take_rows(estimates, start, start + size))
+        start += size
+    return answers
 
 
 class EstimateBatcher:
@@ -202,13 +207,9 @@ class EstimateBatcher:
             del self._callers[ident]
         return len(self._callers)
 
-    def _call(self, batch: list[_Request]) -> Estimates:
-        """One model call for every request of `batch`."""
-        return estimate_together(self.estimator, [request.crops for request in batch])
-
     def _run_batch(self, batch: list[_Request]) -> None:
         try:
-            estimates = self._call(batch)
+            answers = estimate_each(self.estimator, [request.crops for request in batch])
         except Exception as error:
             if len(batch) > 1:  # find whose crops failed: the others still get their rows
                 for request in batch:
@@ -217,13 +218,12 @@ class EstimateBatcher:
             batch[0].answer(None, error)
             self.errors += 1
             return
-        start = 0
-        for request in batch:
-            request.answer(take_rows(estimates, start, start + request.faces))
-            start += request.faces
-        self._empty = take_rows(estimates, 0, 0)
-        self.calls += start > 0  # the one call that learns the empty answer is no batch
-        self.faces += start
+        for request, answer in zip(batch, answers, strict=True):
+            request.answer(answer)
+        self._empty = take_rows(answers[0], 0, 0)
+        faces = sum(request.faces for request in batch)
+        self.calls += faces > 0  # the one call that learns the empty answer is no batch
+        self.faces += faces
         self.requests += len(batch)
 
     def _serve(self) -> None:

@@ -11,9 +11,9 @@ settings (`agestream cluster head`: about 2 s). Every call to a node has a timeo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimators.base import first_line
-from stream.cluster_command import ClusterError, check_answers
+from estimators.base import first_line, root_error
+from stream.cluster_command import ClusterError, check_answers, own_labels
 from stream.config import Config, ConfigError, StreamEntry
 from stream.connections import RateLimiter
-from stream.hub import STOP_TIMEOUT_S, StoreCounts, new_stream_id
+from stream.hub import SCHEME, STOP_TIMEOUT_S, StoreCounts, new_stream_id
 from stream.people_sinks import EventPublisher
 from stream.types import StreamStatus
 from stream.visits import VisitStore
@@ -46,7 +46,6 @@ HEAD_RESOURCE = "node:__internal_head__"
 EXTRA_HINT = "pip install 'agestream[cluster]'"
 # States of a stream that has nothing left to move.
 OVER = ("ended", "failed")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def import_ray() -> Any:
@@ -96,18 +95,15 @@ def labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in wanted.items())
 
 
+def _names_a_file(source: str) -> bool:
+    """Whether a source argument is a file path (not a URL or a webcam index)."""
+    return not (SCHEME.match(source) or source.isdigit())
+
+
 def absolute_source(source: str) -> str:
     """A relative file path as an absolute one (nodes do not share the head's working
     folder); URLs and webcam indexes as given."""
-    if _URL.match(source) or source.isdigit():
-        return source
-    return os.path.abspath(os.path.expanduser(source))
-
-
-def _unwrapped(error: BaseException) -> BaseException:
-    """The node's own exception inside Ray's wrapper (its one-line message, not a trace)."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
+    return os.path.abspath(os.path.expanduser(source)) if _names_a_file(source) else source
 
 
 @contextmanager
@@ -178,7 +174,7 @@ class ClusterHub(StoreCounts):
         self._placed: dict[str, _Placed] = {}
         self._retry_at: dict[str, float] = {}  # nodes whose agent failed to start
         self._lock = threading.Lock()
-        self._cameras = iter(range(1, 10**9))
+        self._cameras = itertools.count(1)  # numbers of the default ids cam1, cam2, ...
         self._closed = False
         self.reassignments = 0
         self._stop = threading.Event()
@@ -215,7 +211,7 @@ class ClusterHub(StoreCounts):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         name = node_name(node)
-        labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.")}
+        labels = own_labels(node)
         strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         # No CPU reserved: the node's CPUs are for its streams' own threads.
         handle = self._agent_class.options(
@@ -241,10 +237,10 @@ class ClusterHub(StoreCounts):
             try:
                 answer = ray.get(ref, timeout=0)
             except ray.exceptions.RayActorError as error:
-                self._lost(agent, first_line(_unwrapped(error)), retry=not agent.ready)
+                self._lost(agent, first_line(root_error(error)), retry=not agent.ready)
                 continue
             except Exception as error:  # noqa: BLE001 - the next poll asks again
-                log.warning("node %s: %s", agent.name, first_line(_unwrapped(error)))
+                log.warning("node %s: %s", agent.name, first_line(root_error(error)))
                 continue
             if not agent.ready:
                 agent.ready = True
@@ -321,21 +317,33 @@ class ClusterHub(StoreCounts):
 
     def _start_on(self, agent: _Agent, placed: _Placed) -> None:
         """Start a waiting stream on `agent`'s node (the supervisor's placement)."""
-        entry = placed.entry
         try:
-            ref = agent.handle.add.remote(str(entry.source), placed.id, entry, placed.moved_from)
-            self._call(ref, CALL_TIMEOUT_S)
+            self._ask_start(agent, placed)
         except ValueError as error:  # this node cannot open it: say so on the stream
             placed.failed = first_line(error)
             log.warning("stream %s cannot start on %s: %s", placed.id, agent.name, placed.failed)
-            return
-        except TimeoutError:  # a slow node: it starts there, its status will tell
+
+    def _ask_start(self, agent: _Agent, placed: _Placed) -> StreamStatus | None:
+        """Ask `agent`'s node, which `placed` is reserved for, to start it: its status, or
+        None when the node is slow (it starts there; its snapshots will tell) or went away
+        (the stream waits to be placed again).
+
+        Raises:
+            ValueError: one line: the node cannot open the source.
+        """
+        entry = placed.entry
+        try:
+            ref = agent.handle.add.remote(str(entry.source), placed.id, entry, placed.moved_from)
+            status = self._call(ref, CALL_TIMEOUT_S)
+        except ValueError:
+            raise
+        except TimeoutError:
             log.warning("stream %s: node %s is slow to start it", placed.id, agent.name)
-            return
-        except Exception as error:  # noqa: BLE001 - the node went: placed again
+            return None
+        except Exception as error:  # noqa: BLE001 - the node went
             placed.node = None
             log.warning("stream %s: node %s: %s", placed.id, agent.name, first_line(error))
-            return
+            return None
         if placed.lost_at is None:
             log.info("stream %s on node %s: %s", placed.id, agent.name, entry.source)
         else:
@@ -344,13 +352,14 @@ class ClusterHub(StoreCounts):
                 placed.id, placed.moved_from, agent.name, time.monotonic() - placed.lost_at,
             )  # fmt: skip
             placed.lost_at = None
+        return status
 
     def _call(self, ref: Any, timeout_s: float) -> Any:
         """A node's answer within `timeout_s`, its own exception (not Ray's wrapper) raised."""
         try:
             return self._ray.get(ref, timeout=timeout_s)
         except self._ray.exceptions.RayTaskError as error:
-            raise _unwrapped(error) from None
+            raise root_error(error) from None
 
     # StreamHub's methods.
 
@@ -362,7 +371,7 @@ class ClusterHub(StoreCounts):
         open."""
         text = absolute_source(str(source))
         entry = dataclasses.replace(entry or StreamEntry(source=text), source=text)
-        file_path = None if _URL.match(text) or text.isdigit() else Path(text)
+        file_path = Path(text) if _names_a_file(text) else None
         with self._lock:
             if self._closed:
                 raise ValueError("the stream hub is closed")
@@ -376,22 +385,12 @@ class ClusterHub(StoreCounts):
             log.info("stream %s waits for a node%s", stream_id, wanted)
             return self._status_of(placed)
         try:
-            status = self._call(
-                agent.handle.add.remote(text, stream_id, entry, None), CALL_TIMEOUT_S
-            )
+            status = self._ask_start(agent, placed)
         except ValueError:
             with self._lock:
                 self._placed.pop(stream_id, None)
             raise
-        except TimeoutError:  # a slow node: it starts there, its status will tell
-            log.warning("stream %s: node %s is slow to start it", stream_id, agent.name)
-            return self._status_of(placed)
-        except Exception as error:  # noqa: BLE001 - the node went: the supervisor places it
-            log.warning("stream %s: node %s: %s", stream_id, agent.name, first_line(error))
-            placed.node = None
-            return self._status_of(placed)
-        log.info("stream %s on node %s: %s", stream_id, agent.name, text)
-        return status
+        return status or self._status_of(placed)
 
     def remove(self, stream_id: str) -> None:
         """Stop `stream_id` on its node and finalize its segment (KeyError: unknown id)."""
@@ -497,7 +496,7 @@ class ClusterHub(StoreCounts):
             try:
                 summaries += ray.get(ref, timeout=0)
             except Exception as error:  # noqa: BLE001 - the other nodes' summaries still count
-                summaries.append(f"node {closing[ref].name}: {first_line(_unwrapped(error))}")
+                summaries.append(f"node {closing[ref].name}: {first_line(root_error(error))}")
         for ref in late:
             log.warning("node %s still finalizing after %.0f s", closing[ref].name, CLOSE_TIMEOUT_S)
         for agent in agents:

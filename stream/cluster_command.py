@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stream.config import LABEL_KEY as LABEL_KEY_SYNTAX
+from stream.config import LABEL_PART
+
 # The head's Ray system config. GCS health checks of every raylet: a node whose raylet is gone
 # (connection refused) is marked dead after about 3 checks * 0.5 s; one that hangs or whose
 # machine vanished, after about 3 * (0.5 s timeout + 0.5 s period). No worker is started ahead
@@ -52,9 +55,8 @@ MARKER = "AGESTREAM_CLUSTER_NODE"  # in the environment of every process of a no
 STARTED = "Ray runtime started."  # what `ray start` logs once its node is up
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_IP = re.compile(r"Local node IP: (\S+)")
-LABEL_PART = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"  # Ray's (Kubernetes') syntax
-LABEL_KEY = re.compile(rf"({LABEL_PART}(\.{LABEL_PART})*/)?{LABEL_PART}")
-LABEL_VALUE = re.compile(rf"({LABEL_PART})?")
+LABEL_KEY = re.compile(LABEL_KEY_SYNTAX)
+LABEL_VALUE = re.compile(rf"({LABEL_PART})?")  # a node's may be empty
 
 
 @dataclass(frozen=True)
@@ -368,12 +370,17 @@ def read_nodes(address: str) -> list[dict[str, Any]]:
         state.disconnect()
 
 
+def own_labels(node: dict[str, Any]) -> dict[str, str]:
+    """A node's labels (`ray.nodes()`), but Ray's own (ray.io/node-id, ...)."""
+    labels = node.get("Labels") or {}
+    return {key: value for key, value in labels.items() if not key.startswith("ray.io/")}
+
+
 def format_nodes(nodes: list[dict[str, Any]]) -> str:
     """One line per node, alive ones first: state, role, address, CPUs, own labels."""
     rows = [["node", "state", "role", "address", "CPUs", "labels"]]
     for node in sorted(nodes, key=lambda node: (not node["Alive"], node["NodeManagerAddress"])):
         resources = node.get("Resources", {})
-        labels = node.get("Labels", {})
         rows.append(
             [
                 node["NodeID"][:8],
@@ -381,8 +388,7 @@ def format_nodes(nodes: list[dict[str, Any]]) -> str:
                 "head" if "node:__internal_head__" in resources else "worker",
                 f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}",
                 f"{resources['CPU']:g}" if "CPU" in resources else "-",
-                ",".join(f"{k}={v}" for k, v in labels.items() if not k.startswith("ray.io/"))
-                or "-",
+                ",".join(f"{k}={v}" for k, v in own_labels(node).items()) or "-",
             ]
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

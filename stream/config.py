@@ -126,8 +126,12 @@ STREAM_SECTIONS = ("detector", "source", "tracking", "output")
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-# A node label's key or value (`agestream cluster join --labels zone=hall`).
-LabelText = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")]
+# Label syntax, Ray's (Kubernetes'): a node's labels (`agestream cluster join --labels
+# zone=hall`) are checked against it, and a stream's (`labels`) too, so that they can meet.
+LABEL_PART = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"({LABEL_PART}(\.{LABEL_PART})*/)?{LABEL_PART}"
+LabelKey = Annotated[str, Field(pattern=rf"^{LABEL_KEY}$")]
+LabelValue = Annotated[str, Field(pattern=rf"^{LABEL_PART}$")]  # a stream's: not empty
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -142,7 +146,7 @@ class StreamEntry:
     id: Annotated[str, Field(min_length=1)] | None = None
     roi: tuple[Fraction, Fraction, Fraction, Fraction] | None = None
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    labels: dict[LabelText, LabelText] = field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.roi is not None and not (self.roi[0] < self.roi[2] and self.roi[1] < self.roi[3]):

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from estimators import CropSpec, Estimator, create_estimator
-from estimators.base import first_line
-from stream.batcher import estimate_together, take_rows
+from estimators.base import first_line, root_error
+from stream.batcher import estimate_each
 from stream.config import EstimatorConfig
 from stream.connections import RateLimiter
 from stream.types import Estimates
@@ -99,14 +99,9 @@ class EstimatorReplica:
 
     def run(self, batch: list[Crops]) -> list[Estimates]:
         """ONE model call for every request of `batch`; each request's rows, in order."""
-        estimates = estimate_together(self.estimator, batch)
-        total = total_faces(batch)
-        answers, start = [], 0
-        for request in batch:
-            answers.append(take_rows(estimates, start, start + faces_in(request)))
-            start += faces_in(request)
+        answers = estimate_each(self.estimator, batch)
         self.calls += 1
-        self.faces += total
+        self.faces += total_faces(batch)
         self.requests += len(batch)
         return answers
 
@@ -334,8 +329,7 @@ class ServiceEstimator:
         if left_out is None:
             return
         # A replica's error arrives wrapped in a RayTaskError whose first line is the replica.
-        cause = getattr(error, "cause", None)
-        reason = first_line(cause if isinstance(cause, BaseException) else error)
+        reason = first_line(root_error(error))
         what = f"no answer within {self.timeout_s:g} s" if timed_out else reason.rstrip(".")
         until = f" for the next {self.retry_s:g} s" if self.retry_s else ""
         suffix = f" ({left_out} more like it not logged)" if left_out else ""

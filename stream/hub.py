@@ -35,7 +35,7 @@ from estimators import Estimator
 from estimators.base import first_line
 from stream.config import Config, OutputConfig, StreamEntry, stream_config
 from stream.drain import BaseSink, HookSink, Sink, close_sinks, delivered, drain, start_sinks
-from stream.outputs import OutputError, check_output_paths, partial_path
+from stream.outputs import UTC_STAMP, OutputError, check_output_paths, partial_path
 from stream.overlay import Drawing, font_scale
 from stream.people_sinks import EventPublisher, EventsSink, VisitsSink
 from stream.pipeline import output_paths
@@ -81,7 +81,7 @@ LATENCY_FRAMES = 100
 JPEG_QUALITY = 80
 MAX_ID_CHARS = 64
 _VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a URL's, as a source starts
 MAX_WEBCAM_DIGITS = 3
 # A stream's outputs, each written as NAME.partial.EXT until renamed to NAME.EXT.
 OUTPUT_SUFFIXES = (".mp4", ".jsonl", ".csv")
@@ -111,7 +111,7 @@ def checked(source: str) -> SourceSpec:
             video file.
     """
     text = source.strip()
-    scheme = _SCHEME.match(text)
+    scheme = SCHEME.match(text)
     if scheme and not text.lower().startswith((*URL_SCHEMES, "file://")):
         supported = ", ".join([*URL_SCHEMES, "file://"])
         raise ValueError(f"unsupported scheme {scheme[1][:20]!r}: use {supported}")
@@ -507,7 +507,7 @@ class StreamHub(StoreCounts):
         ends in digits and a partial one in ".partial", so no id's partial file can be
         another id's final one."""
         assert self.output_dir is not None
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = time.strftime(UTC_STAMP, time.gmtime())
         folder, node = self.output_dir, ""
         if self.node is not None:  # a segment: DIR/ID/ID-<UTC start>-<node>
             folder, node = self.output_dir / stream_id, f"-{self.node}"

@@ -16,6 +16,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PARTIAL = "partial"
+# A UTC second in names: outputs' (door-20261203T170102Z.mp4), segments', incarnations'.
+UTC_STAMP = "%Y%m%dT%H%M%SZ"
 
 
 class OutputError(RuntimeError):

@@ -25,6 +25,7 @@ from stream.analyzer import FACE_CHECK_SIZE, FaceAnalyzer, detector_config_for_c
 from stream.buffers import END_OF_STREAM, BlockingBuffer, Empty, FrameBuffer, make_buffer
 from stream.config import Config
 from stream.face_id import FaceEmbedder, create_face_embedder
+from stream.outputs import UTC_STAMP
 from stream.overlay import Drawing, HudStats, annotate, blur_faces
 from stream.processor import Detected, FrameProcessor
 from stream.sources import CaptureThread, VideoSource
@@ -361,6 +362,6 @@ def stream_start(
     across restarts, even within a second)."""
     file_path = source.file_path
     started = time.time()
-    run = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + secrets.token_hex(3)
+    run = time.strftime(UTC_STAMP, time.gmtime(started)) + "-" + secrets.token_hex(3)
     shown = str(file_path.resolve()) if file_path is not None else source.info.source_id
     return StreamStart(camera, run, source.info, shown, estimator, started, node, moved_from)

@@ -52,7 +52,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from stream.config import ConfigError, StreamEntry
 from stream.connections import ConnectionCap, RateLimiter
-from stream.outputs import json_number
+from stream.outputs import UTC_STAMP, json_number
 from stream.types import (
     PERSON_AGE_GROUPS,
     SHOWN_GENDERS,
@@ -400,7 +400,8 @@ def _labelled_entry(source: str, labels: object) -> StreamEntry | None:
         raise ApiError(
             400,
             '"labels" must be an object of names to values, each 1 to 63 letters, digits, '
-            '"_", ".", "-" or "/", e.g. {"zone": "east"}',
+            '"_", "." or "-" that begin and end with a letter or digit (a name may have a '
+            '"domain/" prefix), as node labels are, e.g. {"zone": "east"}',
         ) from None
 
 
@@ -566,7 +567,7 @@ def _csv_text(_: CountsQuery, rows: list[CountRow]) -> str:
 
 
 def _file_stamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime(UTC_STAMP)
 
 
 async def _counts_csv(request: web.Request) -> web.Response:

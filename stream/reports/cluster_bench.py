@@ -69,8 +69,11 @@ def measure(streams: Callable[[], list[StreamStatus]], seconds: float) -> dict:
     """Aggregate FPS, drops and the median p95 of `streams` over `seconds`, after every
     stream has run LIVE_WARM_UP_S."""
     deadline = time.monotonic() + START_LIMIT_S
-    while not all(s.state == "running" and s.frames > 0 for s in streams()) or not streams():
-        failed = [s for s in streams() if s.state == "failed"]
+    while True:
+        now = streams()
+        if now and all(s.state == "running" and s.frames > 0 for s in now):
+            break
+        failed = [s for s in now if s.state == "failed"]
         if failed:
             raise RuntimeError(f"bench: stream {failed[0].id} failed: {failed[0].error}")
         if time.monotonic() > deadline:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stream.outputs import partial_path
+from stream.outputs import UTC_STAMP, partial_path
 from stream.visits import utc_seconds
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,6 @@ SUFFIX = ".jsonl"
 PARTIAL_SUFFIX = partial_path(Path(f"x{SUFFIX}")).name[1:]  # ".partial.jsonl"
 # ID-<stamp>-<node>: the stamp is the UTC second the incarnation started.
 NAME = re.compile(r"(?P<stamp>\d{8}T\d{6}Z)-(?P<node>.+)")
-STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def _segment_file(path: Path, prefix: str) -> SegmentFile | None:
     if match is None:
         return SegmentFile(path, partial, None, None)
     try:
-        stamp = datetime.strptime(match["stamp"], STAMP_FORMAT).replace(tzinfo=UTC)
+        stamp = datetime.strptime(match["stamp"], UTC_STAMP).replace(tzinfo=UTC)
     except ValueError:  # digits that are no date, e.g. month 13
         return SegmentFile(path, partial, None, None)
     return SegmentFile(path, partial, stamp.timestamp(), match["node"])
